@@ -1,0 +1,63 @@
+"""Reading checkpoints back: validation with clear errors, and rebuilding a model for sampling."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_diff.errors import CheckpointError
+from lightning_diff.models.base import CHECKPOINT_KEY, DiffusionModule
+
+LAST = "last.ckpt"
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's contents on the CPU with ``weights_only=True`` (no arbitrary code runs).
+
+    Raises :class:`CheckpointError` naming the file and the fix when it is missing, unreadable or not
+    written by lightning_diff.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist: check ckpt=PATH (runs keep them in checkpoints/)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or unreadable ({first[:120]}); use an earlier file from "
+            "its checkpoints/ folder"
+        ) from err
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEY not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a lightning_diff checkpoint: pass a .ckpt written by ld-train")
+    return ckpt
+
+
+def find_last(run_dir: str | Path) -> Path | None:
+    """``run_dir/checkpoints/last.ckpt`` if present."""
+    path = Path(run_dir) / "checkpoints" / LAST
+    return path if path.is_file() else None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiffusionModule, DictConfig]:
+    """Rebuild the model of a checkpoint from the config stored in it, with raw and EMA weights loaded."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt[CHECKPOINT_KEY]
+    cfg = OmegaConf.create(meta["config"])
+    net = instantiate(cfg.net, data_shape=tuple(meta["data_shape"]))
+    model: DiffusionModule = instantiate(cfg.model, net=net)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not match its own config ({str(err).splitlines()[0]})") from err
+    model.run_meta = dict(meta)
+    model.global_step_loaded = int(ckpt.get("global_step", 0))
+    return model.to(device).eval(), cfg

@@ -1,0 +1,152 @@
+"""Samplers with one signature: ``fn(denoiser, x, sigmas, generator=None, callback=None, **options)``.
+
+``x`` is the initial noise already scaled to ``sigmas[0]``; ``sigmas`` descends to a final 0.
+Each sampler returns ``(samples, num_model_evaluations)``. All work in the variance-exploding
+coordinates of the denoiser interface (``x = x0 + sigma n``), where DDPM's and DDIM's updates take
+a form that does not depend on the family; the equivalence with the variance-preserving form is
+shown in each docstring and checked against diffusers' schedulers in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.random import SampleGenerators, randn
+from lightning_diff.errors import ConfigError
+
+StepCallback = Callable[[dict[str, Any]], None]
+Generator = torch.Generator | SampleGenerators | None
+
+
+def _ddim_noise_levels(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """Split the step to ``sigma_next`` into a deterministic part and fresh noise.
+
+    DDIM (Song, Meng, Ermon 2021, eq. 12 and 16) adds noise of variance
+    ``eta^2 (1 - ab') / (1 - ab) (1 - ab / ab')`` in z-space. With ``ab = 1 / (1 + sigma^2)`` and
+    dividing by ``ab'`` this is ``sigma_up^2 = eta^2 sigma'^2 (sigma^2 - sigma'^2) / sigma^2`` in
+    x-space, and the deterministic part keeps ``sigma_down^2 = sigma'^2 - sigma_up^2``.
+    """
+    sigma_up = (eta**2 * sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).clamp(min=0).sqrt()
+    sigma_up = torch.minimum(sigma_up, sigma_next)
+    sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0).sqrt()
+    return sigma_down, sigma_up
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: Generator = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+) -> tuple[Tensor, int]:
+    """DDIM (Song, Meng, Ermon 2021, arXiv 2010.02502, Algorithm in eq. 12).
+
+    In x-space a step reads ``x' = D + sigma_down * eps_hat + sigma_up * n`` with
+    ``eps_hat = (x - D) / sigma``. At ``eta = 0`` this is Euler's method on the probability-flow ODE
+    ``dx/dsigma = (x - D) / sigma`` (Karras et al. 2022, Sec. 3); at ``eta = 1`` it is ancestral
+    sampling with the posterior variance.
+    """
+    sigmas = sigmas.to(device=x.device, dtype=torch.float64)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        if sigma_next == 0:
+            x = denoised
+            continue
+        sigma_down, sigma_up = _ddim_noise_levels(sigma, sigma_next, eta)
+        eps = (x - denoised) / sigma.to(x.dtype)
+        x = denoised + sigma_down.to(x.dtype) * eps
+        if sigma_up > 0:
+            x = x + sigma_up.to(x.dtype) * randn(x.shape, generator, device=x.device, dtype=x.dtype)
+    return x, len(sigmas) - 1
+
+
+@torch.no_grad()
+def sample_ancestral(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    generator: Generator = None,
+    callback: StepCallback | None = None,
+    variance: str = "posterior",
+) -> tuple[Tensor, int]:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), for any subset of the noise levels.
+
+    The reverse step's mean is the posterior mean ``D + (sigma'^2 / sigma) eps_hat``, i.e.
+    ``(z - beta / sqrt(1 - ab) eps) / sqrt(alpha)`` rescaled to x-space. Its variance is either the
+    posterior variance ``beta_tilde`` (``variance="posterior"``: ``sigma'^2 (sigma^2 - sigma'^2) / sigma^2``
+    in x-space) or ``beta`` (``variance="beta"``: ``(sigma^2 - sigma'^2)(1 + sigma'^2) / (1 + sigma^2)``
+    in x-space, which assumes the variance-preserving relation ``ab = 1 / (1 + sigma^2)``); the last
+    step adds no noise in both cases, as in the paper.
+    """
+    if variance not in ("posterior", "beta"):
+        raise ConfigError(f"unknown ancestral variance {variance!r}: use posterior or beta")
+    sigmas = sigmas.to(device=x.device, dtype=torch.float64)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        if sigma_next == 0:
+            x = denoised
+            continue
+        mean = denoised + (sigma_next**2 / sigma**2).to(x.dtype) * (x - denoised)
+        if variance == "posterior":
+            var = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
+        else:
+            var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
+        noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
+        x = mean + var.sqrt().to(x.dtype) * noise
+    return x, len(sigmas) - 1
+
+
+SAMPLERS: dict[str, Callable[..., tuple[Tensor, int]]] = {
+    "ddim": sample_ddim,
+    "ancestral": sample_ancestral,
+}
+
+
+class Sampler:
+    """A sampling algorithm with its step count and timestep spacing, as built from ``conf/sampler``.
+
+    Args:
+        fn: a sampler function (Hydra builds it with ``_partial_: true`` so options such as ``eta``
+            are bound).
+        num_steps: number of denoiser evaluations' worth of steps.
+        spacing: how the steps are placed on a discrete schedule (see ``DiscreteSchedule.timesteps``).
+    """
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, int]], num_steps: int = 50, spacing: str = "leading"):
+        self.fn = fn
+        self.num_steps = int(num_steps)
+        self.spacing = spacing
+
+    def __call__(
+        self,
+        denoiser: Denoiser,
+        schedule: Any,
+        shape: tuple[int, ...],
+        generator: Generator = None,
+        device: torch.device | str = "cpu",
+        callback: StepCallback | None = None,
+    ) -> tuple[Tensor, int]:
+        """Draw prior noise for ``shape`` and integrate it to data; ``schedule`` supplies the grid.
+
+        ``schedule`` provides ``sampling_sigmas(num_steps, spacing)`` and ``prior_std(sigma)``.
+        """
+        sigmas = schedule.sampling_sigmas(self.num_steps, self.spacing).to(device)
+        x = randn(shape, generator, device=device) * float(schedule.prior_std(sigmas[0]))
+        return self.fn(denoiser, x, sigmas, generator=generator, callback=callback)
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "func", self.fn).__name__
+        return f"Sampler({name}, num_steps={self.num_steps}, spacing={self.spacing!r})"

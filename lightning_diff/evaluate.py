@@ -1,0 +1,100 @@
+"""``ld-eval``: evaluate a checkpoint (by sampling from it) or a file of samples against data.
+
+``ld-eval ckpt=PATH`` samples ``num_samples`` and compares them with the run's held-out data;
+``ld-eval samples=FILE.npy data=digits`` scores samples from any source. Prints the metrics as JSON
+and writes them to ``metrics.json`` (the run directory's, or ``out=``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lightning_diff.callbacks.evaluation import write_metrics
+from lightning_diff.checkpoints import load_model
+from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device
+from lightning_diff.errors import ConfigError, DataError
+from lightning_diff.metrics.evaluate import evaluate_samples
+from lightning_diff.sample import build_sampler
+from lightning_diff.sampling import generate
+
+log = logging.getLogger("lightning_diff.evaluate")
+
+
+def load_samples(path: str | Path, data_shape: tuple[int, ...]) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"samples file {path} does not exist: write one with ld-sample out={path}")
+    array = np.load(path, allow_pickle=False)
+    if tuple(array.shape[1:]) != tuple(data_shape):
+        raise DataError(
+            f"samples in {path} have shape {array.shape[1:]} but the data has {data_shape}: "
+            "pick the data= of the model that made them"
+        )
+    if array.dtype == np.uint8:
+        return torch.from_numpy(array).float() / 127.5 - 1
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Sample from ``cfg.ckpt`` or read ``cfg.samples``; compare with the data; write and return metrics."""
+    if bool(cfg.get("ckpt")) == bool(cfg.get("samples")):
+        raise ConfigError("give exactly one of ckpt=PATH or samples=FILE.npy (with data=...)")
+    extra: dict = {}
+    if cfg.ckpt:
+        model, run_cfg = load_model(cfg.ckpt, pick_device(cfg.device))
+        datamodule = instantiate(cfg.data) if cfg.get("data") else instantiate(run_cfg.data)
+        datamodule.setup("fit")
+        sampler = build_sampler(cfg, model)
+        samples, nfe = generate(
+            model,
+            range(cfg.num_samples),
+            tuple(datamodule.data_shape),
+            sampler,
+            cfg.seed,
+            cfg.batch_size,
+            cfg.use_ema,
+        )
+        extra = {"nfe": float(nfe)}
+        default_out = Path(cfg.ckpt).resolve().parent.parent / "metrics.json"
+        meta = {
+            "ckpt": str(cfg.ckpt),
+            "step": getattr(model, "global_step_loaded", 0),
+            "sampler": repr(sampler),
+        }
+    else:
+        if not cfg.get("data"):
+            raise ConfigError(
+                "samples=FILE.npy needs data=NAME (the data set to compare with), e.g. data=digits"
+            )
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
+        samples = load_samples(cfg.samples, tuple(datamodule.data_shape))
+        default_out = Path(cfg.samples).with_suffix(".metrics.json")
+        meta = {"samples": str(cfg.samples)}
+    metrics = evaluate_samples(
+        samples, datamodule.train_tensor(), datamodule.val_tensor(), datamodule.log_prob, cfg.seed
+    )
+    metrics.update(extra)
+    named = {f"eval/{k}": v for k, v in metrics.items()}
+    out = write_metrics(cfg.out or default_out, named, num_samples=len(samples), **meta)
+    print(json.dumps(named, indent=2, sort_keys=True))
+    log.info("metrics written to %s", out)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

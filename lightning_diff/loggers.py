@@ -1,0 +1,87 @@
+"""Logger construction: wandb that never prompts or hangs, and keeps one run id per run directory."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+WANDB_ID_FILE = "wandb_id.txt"
+WANDB_HOST = "api.wandb.ai"
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(mode: str = "auto") -> str:
+    """``online`` only when asked for or when a key is configured and the server answers; else ``offline``.
+
+    ``WANDB_MODE`` in the environment wins over ``auto``. Offline runs are written under the run
+    directory and can be uploaded later with ``wandb sync``.
+    """
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    return "online" if _has_wandb_key() and _reachable(WANDB_HOST) else "offline"
+
+
+def run_id(run_dir: str | Path) -> str:
+    """The wandb run id of a run directory: read from ``wandb_id.txt``, or made and saved there.
+
+    Keeping the id in the run directory lets ``resume=auto`` continue the same wandb run.
+    """
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    import wandb
+
+    new_id = wandb.util.generate_id()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_id + "\n")
+    return new_id
+
+
+def make_wandb_logger(
+    save_dir: str,
+    project: str = "lightning_diff",
+    name: str | None = None,
+    mode: str = "auto",
+    entity: str | None = None,
+    tags: list[str] | None = None,
+    group: str | None = None,
+) -> WandbLogger:
+    """A :class:`WandbLogger` in ``mode`` (auto/online/offline/disabled) resuming the run directory's id."""
+    resolved = wandb_mode(mode)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        id=run_id(save_dir),
+        resume="allow",
+        offline=resolved == "offline",
+        mode=resolved,
+        entity=entity,
+        tags=list(tags) if tags else None,
+        group=group,
+        log_model=False,
+    )

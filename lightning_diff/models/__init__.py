@@ -1,0 +1,6 @@
+"""LightningModules, one per model family, each a thin wiring around ``lightning_diff.diffusion``."""
+
+from lightning_diff.models.base import DiffusionModule
+from lightning_diff.models.ddpm import DDPM
+
+__all__ = ["DDPM", "DiffusionModule"]

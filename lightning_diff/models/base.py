@@ -1,0 +1,163 @@
+"""What every model family shares: the network and its EMA, the optimiser, sampling, checkpoint metadata.
+
+A family subclasses :class:`DiffusionModule` and provides ``make_denoiser(net)`` (its adapter to the
+denoiser interface), ``schedule`` (an object with ``sampling_sigmas`` and ``prior_std``) and
+``loss(batch, generator)``. Everything downstream (samplers, callbacks, metrics, the CLI) talks to
+``denoiser`` and ``sample`` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.random import SampleGenerators
+from lightning_diff.diffusion.samplers import Sampler, sample_ddim
+from lightning_diff.errors import ConfigError
+
+CHECKPOINT_KEY = "lightning_diff"
+
+
+def ema_update_fn(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """An ``AveragedModel`` update: exponential moving average with an optional warm-up.
+
+    With warm-up the effective decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
+    the average is not dominated by the random initial weights in short runs (the schedule used by
+    TensorFlow's ExponentialMovingAverage with ``num_updates``). Integer buffers are copied.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
+        for a, c in zip(averaged, current, strict=True):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+    return update
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear learning-rate warm-up over ``warmup_steps`` optimiser steps, constant afterwards."""
+
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return factor
+
+
+class DiffusionModule(L.LightningModule):
+    """Base LightningModule of every family.
+
+    Args:
+        net: the network (built from ``conf/net`` for the data's shape).
+        optimizer: a partial optimiser factory (``_partial_: true`` in config), called with the
+            network's parameters.
+        lr_warmup_steps: linear warm-up length in optimiser steps.
+        ema_decay: decay of the exponential moving average of the weights; 0 disables it (the EMA
+            then tracks the raw weights exactly).
+        ema_warmup: ramp the EMA decay up over the first updates.
+        sampler: the default sampler for grids, evaluation and ``ld-sample``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_warmup_steps: int = 0,
+        ema_decay: float = 0.999,
+        ema_warmup: bool = True,
+        sampler: Sampler | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay={ema_decay} must be in [0, 1)")
+        self.net = net
+        self.ema = AveragedModel(net, multi_avg_fn=ema_update_fn(ema_decay, ema_warmup), use_buffers=True)
+        self.ema.requires_grad_(False)
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.lr_warmup_steps = lr_warmup_steps
+        self.sampler = sampler or Sampler(sample_ddim, num_steps=50)
+        # Set by the entry point: resolved config, data shape, logger run id; saved in checkpoints.
+        self.run_meta: dict[str, Any] = {}
+        self._denoisers: dict[bool, Denoiser] = {}
+
+    # ---- what a family provides -------------------------------------------------------------
+    schedule: Any
+
+    def make_denoiser(self, net: nn.Module) -> Denoiser:
+        raise NotImplementedError
+
+    def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample training loss (B,); ``generator`` makes it deterministic (validation)."""
+        raise NotImplementedError
+
+    # ---- the shared interface ---------------------------------------------------------------
+    def denoiser(self, use_ema: bool = True) -> Denoiser:
+        """The model as a :class:`Denoiser`; the EMA weights by default."""
+        if use_ema not in self._denoisers:
+            self._denoisers[use_ema] = self.make_denoiser(self.ema.module if use_ema else self.net)
+        return self._denoisers[use_ema]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        data_shape: tuple[int, ...],
+        sampler: Sampler | None = None,
+        generator: torch.Generator | SampleGenerators | None = None,
+        use_ema: bool = True,
+    ) -> tuple[Tensor, int]:
+        """Draw ``num_samples`` samples; returns ``(samples, model evaluations per sample)``."""
+        sampler = sampler or self.sampler
+        denoiser = self.denoiser(use_ema)
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            return sampler(denoiser, self.schedule, (num_samples, *data_shape), generator, self.device)
+        finally:
+            denoiser.train(was_training)
+
+    # ---- Lightning hooks --------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self.loss(batch).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss.item()} at step {self.global_step}: lower model.optimizer.lr or set "
+                "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        # Fixed noise per batch index, so val/loss is comparable across steps and runs.
+        gen = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss = self.loss(batch, generator=gen).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.net.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.lr_warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = dict(self.run_meta)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY, {})
+        self.run_meta = {**meta, **self.run_meta}

@@ -1,0 +1,88 @@
+"""``ld-train``: train a model family on a DataModule; everything is built from ``conf/train.yaml``.
+
+``train(cfg)`` is the recipe (tests call it directly); ``main`` is only the Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_diff.checkpoints import find_last, read_checkpoint
+from lightning_diff.cli import CONF_DIR, one_line_errors
+from lightning_diff.errors import ConfigError
+
+log = logging.getLogger("lightning_diff.train")
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``None`` (fresh), ``auto`` (the run directory's last.ckpt if
+    any) or an explicit path. The file is read once here so a corrupt one fails with a clear line
+    before any training starts."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        path = find_last(run_dir)
+        if path is None:
+            log.info("resume=auto: no checkpoint in %s, starting a fresh run", run_dir)
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"resume={resume} does not exist: pass resume=auto or a path to a .ckpt file")
+    read_checkpoint(path)
+    return str(path)
+
+
+def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry with a ``_target_`` of a mapping (loggers, callbacks); skips nulls."""
+    if not cfg:
+        return []
+    return [instantiate(v) for v in cfg.values() if v is not None and "_target_" in v]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build data, net, model, loggers, callbacks and trainer from ``cfg``; fit; return (metrics, objects)."""
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = resolve_resume(cfg.get("resume"), run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    data_shape = tuple(datamodule.data_shape)
+    net = instantiate(cfg.net, data_shape=data_shape)
+    model = instantiate(cfg.model, net=net)
+
+    loggers = instantiate_dict(cfg.get("logger"))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model.run_meta = {"config": resolved, "data_shape": list(data_shape), "run_dir": str(run_dir)}
+    if trainer.is_global_zero:
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+    log.info("training %s on %s, run directory %s", type(model).__name__, type(datamodule).__name__, run_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    objects = {"model": model, "datamodule": datamodule, "trainer": trainer, "run_dir": run_dir}
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The command line: ld-sample and ld-eval on a trained run, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_named, compose_train
+from omegaconf import open_dict
+
+from lightning_diff.errors import CheckpointError, ConfigError, DataError
+from lightning_diff.evaluate import evaluate
+from lightning_diff.sample import sample
+from lightning_diff.train import train
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    train(compose_train(["data=digits", "trainer.max_steps=3"], run_dir))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_sample_writes_images_in_data_space(ckpt, tmp_path):
+    out = tmp_path / "s.npy"
+    array = sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=10", f"out={out}", "batch_size=4"]))
+    saved = np.load(out)
+    assert saved.shape == (10, 1, 8, 8) and saved.dtype == np.float32
+    np.testing.assert_array_equal(saved, array)
+    # Sample i depends only on (seed, i): a different batch size gives the same file.
+    again = sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=10", f"out={out}", "batch_size=10"]))
+    np.testing.assert_allclose(again, saved, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_with_another_sampler_and_step_count(ckpt, tmp_path):
+    overrides = [
+        f"ckpt={ckpt}",
+        "num_samples=4",
+        f"out={tmp_path / 'a.npy'}",
+        "sampler=ancestral",
+        "num_steps=3",
+    ]
+    array = sample(compose_named("sample", overrides + [f"grid={tmp_path / 'g.png'}"]))
+    assert array.shape == (4, 1, 8, 8) and (tmp_path / "g.png").is_file()
+
+
+def test_eval_checkpoint_and_samples_file(ckpt, tmp_path):
+    metrics = evaluate(
+        compose_named("eval", [f"ckpt={ckpt}", "num_samples=20", f"out={tmp_path / 'm.json'}"])
+    )
+    assert metrics["nfe"] == 5 and np.isfinite(metrics["sliced_wasserstein"])
+    assert (
+        json.loads((tmp_path / "m.json").read_text())["eval/sliced_wasserstein"]
+        == metrics["sliced_wasserstein"]
+    )
+
+    # Scoring the held-out digits themselves: close to the data, and all "memorized" only if copied.
+    from lightning_diff.data import DigitsDataModule
+
+    dm = DigitsDataModule()
+    dm.setup("fit")
+    np.save(tmp_path / "copies.npy", dm.train_tensor()[:50].numpy())
+    copied = evaluate(compose_named("eval", [f"samples={tmp_path / 'copies.npy'}", "data=digits"]))
+    assert copied["memorized_fraction"] == 1.0 and copied["nn1_distance"] < 1e-4
+    np.save(tmp_path / "noise.npy", torch.rand(50, 1, 8, 8).mul(2).sub(1).numpy())
+    noise = evaluate(compose_named("eval", [f"samples={tmp_path / 'noise.npy'}", "data=digits"]))
+    assert noise["memorized_fraction"] == 0.0 and noise["sliced_wasserstein"] > copied["sliced_wasserstein"]
+
+
+def test_bad_inputs_raise_named_errors(tmp_path, ckpt):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sample(compose_named("sample", [f"ckpt={bad}"]))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sample(compose_named("sample", [f"ckpt={truncated}"]))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        sample(compose_named("sample", [f"ckpt={tmp_path / 'missing.ckpt'}"]))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a lightning_diff checkpoint"):
+        sample(compose_named("sample", [f"ckpt={foreign}"]))
+    with pytest.raises(DataError, match="does not exist"):
+        train(compose_train(["data=array", f"data.path={tmp_path / 'none.npy'}"], tmp_path / "r"))
+    np.save(tmp_path / "3d.npy", np.zeros((10, 4, 4), dtype=np.float32))
+    with pytest.raises(DataError):
+        train(compose_train(["data=array", f"data.path={tmp_path / '3d.npy'}"], tmp_path / "r"))
+    with pytest.raises(ConfigError, match="resume="):
+        train(compose_train(["data=moons", f"resume={tmp_path / 'nope.ckpt'}"], tmp_path / "r"))
+    cfg = compose_named("eval", [])
+    with open_dict(cfg), pytest.raises(ConfigError, match="exactly one"):
+        evaluate(cfg)
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path):
+    """Through the real entry points: a missing data file and a corrupt checkpoint print one line."""
+    missing = run_cli(
+        "lightning_diff.train", "data=array", f"data.path={tmp_path / 'x.npy'}", f"run_dir={tmp_path}/r"
+    )
+    assert missing.returncode == 2
+    lines = [ln for ln in missing.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "x.npy" in lines[0] and "Traceback" not in missing.stderr
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    corrupt = run_cli("lightning_diff.sample", f"ckpt={bad}")
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
+    assert [ln for ln in corrupt.stderr.splitlines() if ln.startswith("error:")][0].count("corrupt") == 1
+
+
+def test_cli_unknown_config_key_names_the_key_and_the_fix(tmp_path):
+    result = run_cli("lightning_diff.train", "no_such_key=1", f"run_dir={tmp_path}/r")
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr and "+no_such_key" in result.stderr

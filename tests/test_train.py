@@ -1,0 +1,142 @@
+"""Short training runs per data kind, the run directory's contents, reproducibility and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import compose_train
+
+from lightning_diff.checkpoints import read_checkpoint
+from lightning_diff.train import train
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    metrics, objects = train(compose_train(["experiment=digits_ddpm", "logger=csv"], run_dir))
+    return run_dir, metrics, objects
+
+
+def test_digits_run_directory_has_everything(digits_run):
+    run_dir, metrics, objects = digits_run
+    assert objects["trainer"].global_step == 6
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["run_dir"] == str(run_dir) and cfg["model"]["_target_"] == "lightning_diff.models.DDPM"
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["last.ckpt", "step0000003.ckpt", "step0000006.ckpt"]
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert grids == ["step_0000003.png", "step_0000006.png"]
+    log = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    assert {"train/loss", "val/loss", "eval/sliced_wasserstein"} <= set(log[0].split(","))
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["step"] == 6 and saved["num_samples"] == 32
+    assert 0.0 <= saved["eval/memorized_fraction"] <= 1.0 and saved["eval/nfe"] == 5
+    assert np.isfinite(metrics["train/loss"])
+
+
+def test_checkpoint_holds_raw_and_ema_weights_and_config(digits_run):
+    run_dir, _, objects = digits_run
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("net.") for k in keys) and any(k.startswith("ema.module.") for k in keys)
+    model = objects["model"]
+    for name, value in model.ema.module.state_dict().items():
+        torch.testing.assert_close(ckpt["state_dict"][f"ema.module.{name}"], value)
+    # EMA differs from the raw weights after training (decay < 1), and the config travels along.
+    assert any(
+        not torch.equal(ckpt["state_dict"][f"net.{n}"], ckpt["state_dict"][f"ema.module.{n}"])
+        for n in model.net.state_dict()
+    )
+    meta = ckpt["lightning_diff"]
+    assert meta["data_shape"] == [1, 8, 8] and meta["config"]["name"] == "digits_ddpm"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data=moons"],
+        ["data=gaussian", "data.distribution.dim=5", "model.prediction=v", "model.loss_weighting=min_snr"],
+        ["data=circle", "data.distribution.dim=4", "model.prediction=x0", "model.schedule.kind=cosine"],
+        ["data=digits", "sampler=ancestral", "sampler.num_steps=4"],
+    ],
+    ids=["moons", "gaussian5d_v_minsnr", "circle4d_x0_cosine", "digits_ancestral"],
+)
+def test_short_training_run_per_data_kind(tmp_path, overrides):
+    metrics, objects = train(compose_train(overrides + ["trainer.max_steps=4"], tmp_path / "run"))
+    assert objects["trainer"].global_step == 4
+    assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["eval/sliced_wasserstein"])
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["vectors", "uint8_images", "float_images"])
+def test_user_array_file_trains_with_the_net_that_fits(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    array = {
+        "vectors": rng.normal(size=(200, 3)).astype(np.float32),
+        "uint8_images": rng.integers(0, 256, size=(64, 3, 8, 8), dtype=np.uint8),
+        "float_images": rng.uniform(-1, 1, size=(64, 1, 8, 8)).astype(np.float32),
+    }[kind]
+    np.save(tmp_path / "data.npy", array)
+    overrides = [
+        "data=array",
+        f"data.path={tmp_path / 'data.npy'}",
+        "data.batch_size=16",
+        "trainer.max_steps=3",
+    ]
+    _, objects = train(compose_train(overrides, tmp_path / "run"))
+    net = objects["model"].net
+    assert type(net).__name__ == ("MLP" if kind == "vectors" else "UNet")
+
+
+def test_same_seed_same_weights(tmp_path):
+    def weights(i):
+        _, objects = train(
+            compose_train(["data=moons", "trainer.max_steps=3", "logger=none"], tmp_path / str(i))
+        )
+        return objects["model"].state_dict()
+
+    a, b = weights(0), weights(1)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_resume_continues_step_counter_and_wandb_run(tmp_path):
+    run_dir = tmp_path / "run"
+    base = ["data=moons", "logger=wandb", "logger.wandb.mode=offline", "callbacks.evaluation.num_samples=8"]
+    _, first = train(compose_train(base + ["trainer.max_steps=3"], run_dir))
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert first["trainer"].global_step == 3
+    _, second = train(compose_train(base + ["trainer.max_steps=6", "resume=auto"], run_dir))
+    assert second["trainer"].global_step == 6
+    assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
+    wandb_logger = next(lg for lg in second["trainer"].loggers if type(lg).__name__ == "WandbLogger")
+    assert wandb_logger.version == run_id
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    # The offline wandb run was written under the run directory.
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+def test_resume_auto_in_an_empty_run_dir_starts_fresh(tmp_path):
+    _, objects = train(compose_train(["data=moons", "trainer.max_steps=2", "resume=auto"], tmp_path / "run"))
+    assert objects["trainer"].global_step == 2
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    """A huge learning rate blows the weights up after the first step; the step-1 checkpoint survives."""
+    overrides = [
+        "data=moons",
+        "model.optimizer.lr=1e30",
+        "model.lr_warmup_steps=0",
+        "trainer.gradient_clip_val=null",
+        "callbacks.checkpoint.every_n_train_steps=1",
+    ]
+    with pytest.raises(FloatingPointError, match="train/loss is .* at step"):
+        train(compose_train(overrides, tmp_path / "run"))
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] >= 1
