@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain containers, so it is not a lightning_diff "
+            "checkpoint (or it is corrupt): pass a .ckpt written by ld-train"
+        ) from err
+    except Exception as err:  # torch reports truncated or garbled files with many exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"checkpoint {path} is corrupt or unreadable ({first[:120]}); use an earlier file from "

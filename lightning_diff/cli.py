@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 
 from lightning_diff.errors import LightningDiffError
 
@@ -26,11 +27,23 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (LightningDiffError, FloatingPointError) as err:
-            print(f"error: {err}", file=sys.stderr)
+        except (LightningDiffError, FloatingPointError, InstantiationException) as err:
+            cause = user_error(err)
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The user's error behind ``err``: Hydra wraps exceptions raised while instantiating objects."""
+    while err is not None:
+        if isinstance(err, (LightningDiffError, FloatingPointError)):
+            return err
+        err = err.__cause__
+    return None
 
 
 def pick_device(name: str) -> torch.device:

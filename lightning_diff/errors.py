@@ -5,11 +5,11 @@ class LightningDiffError(Exception):
     """Base of errors caused by the user's input (config, files); the CLI prints them as one line."""
 
 
-class ConfigError(LightningDiffError):
+class ConfigError(LightningDiffError, ValueError):
     """A config value is wrong or missing."""
 
 
-class DataError(LightningDiffError):
+class DataError(LightningDiffError, ValueError):
     """A data file or dataset is missing or has the wrong shape or type."""
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
 import socket
+import string
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
@@ -52,9 +54,8 @@ def run_id(run_dir: str | Path) -> str:
     path = Path(run_dir) / WANDB_ID_FILE
     if path.exists():
         return path.read_text().strip()
-    import wandb
-
-    new_id = wandb.util.generate_id()
+    alphabet = string.ascii_lowercase + string.digits
+    new_id = "".join(secrets.choice(alphabet) for _ in range(8))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new_id + "\n")
     return new_id

@@ -76,7 +76,7 @@ def test_every_option_of_a_group_composes(group, tmp_path):
         if group == "sampler":
             assert isinstance(instantiate(cfg.sampler), Sampler)
         if group in ("model", "net"):
-            net = instantiate(cfg.net, data_shape=(2,))
+            net = instantiate(cfg.net, data_shape=(1, 8, 8) if name == "unet" else (2,))
             assert isinstance(instantiate(cfg.model, net=net), DiffusionModule)
         if group == "trainer":
             trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)

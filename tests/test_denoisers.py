@@ -54,3 +54,13 @@ def test_vp_adapter_recovers_x0_from_each_parameterisation(prediction):
     x = x0 + sigma * noise
     torch.testing.assert_close(den(x, sigma.expand(8)), x0)
     torch.testing.assert_close(den.eps(x, sigma), noise)
+
+
+def test_clamped_denoiser_limits_the_estimate_and_keeps_eps_consistent():
+    from lightning_diff.diffusion.denoisers import ClampedDenoiser
+
+    den = ClampedDenoiser(GaussianDenoiser(torch.zeros(2), 25 * torch.eye(2)))
+    x = torch.tensor([[10.0, -0.5]])
+    out = den(x, torch.tensor([0.1]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, -0.5]]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(den.eps(x, 0.1), (x - out) / 0.1)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.metrics.evaluate import evaluate_samples
@@ -76,6 +77,8 @@ class SampleEvaluation(L.Callback):
         named = {f"eval/{k}": v for k, v in metrics.items()}
         for logger in trainer.loggers:
             logger.log_metrics(named, step=trainer.global_step)
+        # Also visible to code reading trainer.callback_metrics (train() returns them).
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
         if trainer.is_global_zero:
             write_metrics(self.metrics_path, named, step=trainer.global_step, num_samples=self.num_samples)
         return metrics

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.denoisers import ClampedDenoiser, Denoiser
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.diffusion.samplers import Sampler, sample_ddim
 from lightning_diff.errors import ConfigError
@@ -67,6 +67,8 @@ class DiffusionModule(L.LightningModule):
             then tracks the raw weights exactly).
         ema_warmup: ramp the EMA decay up over the first updates.
         sampler: the default sampler for grids, evaluation and ``ld-sample``.
+        clip_denoised: clamp the denoised estimate to [-1, 1] while sampling (the original DDPM
+            sampler's choice for images; the noise estimate then follows from the clamped value).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class DiffusionModule(L.LightningModule):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
+        clip_denoised: bool = False,
     ):
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
@@ -87,6 +90,7 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_warmup_steps = lr_warmup_steps
         self.sampler = sampler or Sampler(sample_ddim, num_steps=50)
+        self.clip_denoised = clip_denoised
         # Set by the entry point: resolved config, data shape, logger run id; saved in checkpoints.
         self.run_meta: dict[str, Any] = {}
         self._denoisers: dict[bool, Denoiser] = {}
@@ -105,7 +109,8 @@ class DiffusionModule(L.LightningModule):
     def denoiser(self, use_ema: bool = True) -> Denoiser:
         """The model as a :class:`Denoiser`; the EMA weights by default."""
         if use_ema not in self._denoisers:
-            self._denoisers[use_ema] = self.make_denoiser(self.ema.module if use_ema else self.net)
+            denoiser = self.make_denoiser(self.ema.module if use_ema else self.net)
+            self._denoisers[use_ema] = ClampedDenoiser(denoiser) if self.clip_denoised else denoiser
         return self._denoisers[use_ema]
 
     @torch.no_grad()
@@ -144,7 +149,10 @@ class DiffusionModule(L.LightningModule):
         loss = self.loss(batch, generator=gen).mean()
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch.shape[0])
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimiser step inside the step itself, so a checkpoint written by a
+        # callback at the end of the batch already holds the updated average.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -56,8 +56,9 @@ class DDPM(DiffusionModule):
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
+        clip_denoised: bool = False,
     ):
-        super().__init__(net, optimizer, lr_warmup_steps, ema_decay, ema_warmup, sampler)
+        super().__init__(net, optimizer, lr_warmup_steps, ema_decay, ema_warmup, sampler, clip_denoised)
         if prediction not in PREDICTIONS:
             raise ConfigError(f"model.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")
         if loss_weighting not in WEIGHTINGS:

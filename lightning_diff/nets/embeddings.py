@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lightning_diff.errors import ConfigError
+
 
 def as_noise_batch(c_noise: Tensor | float, batch_size: int, device: torch.device | None = None) -> Tensor:
     """Return ``c_noise`` as a float32 tensor of shape (B,).
@@ -49,9 +51,9 @@ class SinusoidalEmbedding(nn.Module):
     def __init__(self, dim: int, max_period: float = 10000.0) -> None:
         super().__init__()
         if dim < 2:
-            raise ValueError(f"SinusoidalEmbedding needs dim >= 2, got {dim}")
+            raise ConfigError(f"SinusoidalEmbedding needs dim >= 2, got {dim}")
         if max_period <= 1.0:
-            raise ValueError(f"SinusoidalEmbedding needs max_period > 1, got {max_period}")
+            raise ConfigError(f"SinusoidalEmbedding needs max_period > 1, got {max_period}")
         self.dim = int(dim)
         self.max_period = float(max_period)
         half = self.dim // 2

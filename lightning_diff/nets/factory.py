@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from lightning_diff.errors import ConfigError
 from lightning_diff.nets.mlp import MLP
 from lightning_diff.nets.unet import UNet
 
@@ -34,26 +35,26 @@ def build_net(
     shape = tuple(int(s) for s in data_shape)
     name = str(kind).lower()
     if name not in NET_KINDS:
-        raise ValueError(f"unknown net kind {kind!r}; valid kinds: {', '.join(NET_KINDS)}")
+        raise ConfigError(f"unknown net kind {kind!r}; valid kinds: {', '.join(NET_KINDS)}")
     if name == "auto":
         if len(shape) == 1:
             name = "mlp"
         elif len(shape) == 3:
             name = "unet"
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"net kind 'auto' cannot choose a net for data shape {shape}; it supports vector data (D,) "
                 "with net=mlp and images (C, H, W) with net=unet"
             )
     if name == "mlp":
         if len(shape) != 1:
-            raise ValueError(f"net kind 'mlp' needs vector data, got shape {shape}; use net=unet or net=auto")
+            raise ConfigError(f"net kind 'mlp' needs vector data, got shape {shape}: use net=unet")
         return (mlp or MLP)(dim=shape[0])
     if len(shape) != 3:
-        raise ValueError(
+        raise ConfigError(
             f"net kind 'unet' needs image data (C, H, W), got shape {shape}; use net=mlp or net=auto"
         )
     channels, height, width = shape
     if height != width:
-        raise ValueError(f"net kind 'unet' needs square images, got shape {shape}; resize or crop the data")
+        raise ConfigError(f"net kind 'unet' needs square images, got shape {shape}; resize or crop the data")
     return (unet or UNet)(in_channels=channels, resolution=height)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from lightning_diff.errors import ConfigError
 from lightning_diff.nets.embeddings import NoiseEmbedding, as_noise_batch
 
 
@@ -53,11 +54,11 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if dim < 1 or hidden_dim < 1 or emb_dim < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"MLP needs dim >= 1, hidden_dim >= 1, emb_dim >= 2; got {dim}, {hidden_dim}, {emb_dim}"
             )
         if num_layers < 0:
-            raise ValueError(f"MLP needs num_layers >= 0, got {num_layers}")
+            raise ConfigError(f"MLP needs num_layers >= 0, got {num_layers}")
         self.dim = int(dim)
         self.noise_emb = NoiseEmbedding(emb_dim, emb_dim)
         self.emb_act = nn.SiLU()

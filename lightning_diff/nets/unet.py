@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_diff.errors import ConfigError
 from lightning_diff.nets.embeddings import NoiseEmbedding, as_noise_batch
 
 
@@ -98,7 +99,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, num_groups: int, num_heads: int = 1) -> None:
         super().__init__()
         if num_heads < 1 or channels % num_heads != 0:
-            raise ValueError(f"attention with {channels} channels cannot be split into num_heads={num_heads}")
+            raise ConfigError(f"attention over {channels} channels cannot be split in num_heads={num_heads}")
         self.num_heads = num_heads
         self.norm = group_norm(channels, num_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -192,15 +193,15 @@ class UNet(nn.Module):
         mults = tuple(int(m) for m in channel_mult)
         attn_res = {int(r) for r in attn_resolutions}
         if not mults:
-            raise ValueError("UNet needs a non-empty channel_mult, e.g. (1, 2, 2)")
+            raise ConfigError("UNet needs a non-empty channel_mult, e.g. (1, 2, 2)")
         if in_channels < 1 or base_channels < 1 or num_res_blocks < 1 or min(mults) < 1:
-            raise ValueError(
+            raise ConfigError(
                 "UNet needs in_channels, base_channels, num_res_blocks and every channel_mult >= 1; got "
                 f"{in_channels}, {base_channels}, {num_res_blocks}, {mults}"
             )
         factor = 2 ** (len(mults) - 1)
         if resolution < 1 or resolution % factor != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"resolution {resolution} is not divisible by {factor} = 2**(len(channel_mult)-1); "
                 "change net.unet.channel_mult or data.resolution"
             )
@@ -256,11 +257,11 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         """Return a tensor shaped like ``x`` given the noise conditioning ``c_noise`` of shape (B,)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"UNet expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"UNet input size {tuple(x.shape[-2:])} is not divisible by {self.downsample_factor}"
             )
         c = as_noise_batch(c_noise, x.shape[0], device=x.device)
