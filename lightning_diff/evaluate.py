@@ -24,7 +24,7 @@ from lightning_diff.callbacks.likelihood import heldout_data, likelihood_metrics
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device
 from lightning_diff.errors import ConfigError, DataError
-from lightning_diff.metrics.evaluate import evaluate_samples
+from lightning_diff.metrics.evaluate import evaluate_samples, save_memorization_figures
 from lightning_diff.sample import build_sampler
 from lightning_diff.sampling import generate
 
@@ -98,12 +98,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         samples = load_samples(cfg.samples, tuple(datamodule.data_shape))
         default_out = Path(cfg.samples).with_suffix(".metrics.json")
         meta = {"samples": str(cfg.samples)}
-    metrics = evaluate_samples(
-        samples, datamodule.train_tensor(), datamodule.val_tensor(), datamodule.log_prob, cfg.sample_seed
+    inception_options = OmegaConf.to_container(cfg.inception, resolve=True) if cfg.get("inception") else None
+    metrics, suite = evaluate_samples(
+        samples, datamodule, cfg.feature_space, cfg.kid, cfg.sample_seed, cfg.cache_dir, inception_options
     )
     metrics.update(extra)
     named = {f"eval/{k}": v for k, v in metrics.items()}
-    out = write_metrics(cfg.out or default_out, named, num_samples=len(samples), **meta)
+    out_path = Path(cfg.out or default_out)
+    out = write_metrics(out_path, named, num_samples=len(samples), **meta)
+    figures = save_memorization_figures(
+        suite, samples, datamodule.train_tensor(), out_path.parent / "eval", "ld_eval", cfg.num_pairs
+    )
+    log.info("figures: %s", ", ".join(str(p) for p in figures))
     print(json.dumps(named, indent=2, sort_keys=True))
     log.info("metrics written to %s", out)
     return metrics

@@ -8,8 +8,11 @@ import torch
 from torch import Tensor
 
 
-def save_samples_figure(samples: Tensor, path: str | Path, reference: Tensor | None = None) -> Path:
-    """Save an image grid (for N x C x H x W) or a scatter plot (for N x D, first two coordinates)."""
+def save_samples_figure(
+    samples: Tensor, path: str | Path, reference: Tensor | None = None, nrow: int | None = None
+) -> Path:
+    """Save an image grid (for N x C x H x W; ``nrow`` images a row, default square) or a scatter
+    plot (for N x D, first two coordinates, over ``reference`` in grey)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     samples = samples.detach().float().cpu()
@@ -19,7 +22,7 @@ def save_samples_figure(samples: Tensor, path: str | Path, reference: Tensor | N
         # Small images (8x8 digits) are enlarged by pixel repetition so the grid is readable.
         scale = max(1, 32 // samples.shape[-1])
         images = samples.clamp(-1, 1).repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-        nrow = max(1, int(round(samples.shape[0] ** 0.5)))
+        nrow = nrow or max(1, int(round(samples.shape[0] ** 0.5)))
         grid = make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1), pad_value=1.0)
         save_image(grid, path)
         return path

@@ -17,9 +17,26 @@ from lightning_diff.diffusion.samplers import Sampler
 
 
 def shard_indices(num_samples: int, rank: int = 0, world_size: int = 1) -> range:
-    """This rank's block of sample indices; blocks have equal length (the last one may overrun N)."""
+    """This rank's contiguous block of ``0 .. num_samples - 1``; blocks of ``ceil(N / world_size)``,
+    the last ones shorter (possibly empty)."""
     per_rank = math.ceil(num_samples / world_size)
-    return range(rank * per_rank, (rank + 1) * per_rank)
+    return range(min(num_samples, rank * per_rank), min(num_samples, (rank + 1) * per_rank))
+
+
+def gather_shards(module, local: Tensor, num_samples: int, world_size: int) -> Tensor:
+    """Every rank's block (from :func:`shard_indices`) in index order, on every rank.
+
+    ``module.all_gather`` (Lightning's) needs equal shapes, so blocks are padded to the common
+    length and the padding is dropped afterwards. A collective: call on every rank.
+    """
+    if world_size == 1:
+        return local
+    per_rank = math.ceil(num_samples / world_size)
+    padded = local.new_zeros(per_rank, *local.shape[1:])
+    padded[: len(local)] = local
+    gathered = module.all_gather(padded)
+    lengths = [len(shard_indices(num_samples, r, world_size)) for r in range(world_size)]
+    return torch.cat([gathered[r, :n] for r, n in enumerate(lengths)])
 
 
 @torch.no_grad()

@@ -35,6 +35,15 @@ def test_digits_run_directory_has_everything(digits_run):
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["step"] == 6 and saved["num_samples"] == 32
     assert 0.0 <= saved["eval/memorized_fraction"] <= 1.0 and saved["eval/nfe"] == 5
+    for key in (
+        "eval/fd_digits_cnn",
+        "eval/fd_digits_cnn_floor",
+        "eval/kid_digits_cnn_mean",
+        "eval/ratio_mean",
+    ):
+        assert np.isfinite(saved[key]), key
+    figures = sorted(p.name for p in (run_dir / "eval").iterdir())
+    assert figures == ["nearest_step_0000006.png", "nn_histograms_step_0000006.png"]
     assert np.isfinite(metrics["train/loss"])
 
 

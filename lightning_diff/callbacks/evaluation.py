@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
+from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
-from lightning_diff.metrics.evaluate import evaluate_samples
-from lightning_diff.sampling import generate, shard_indices
+from lightning_diff.metrics.evaluate import build_suite, inception, save_memorization_figures
+from lightning_diff.sampling import gather_shards, generate, shard_indices
 
 
 def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:
-    """Merge ``metrics`` into the JSON file at ``path`` (created if missing); returns the path."""
+    """Merge ``metrics`` into the JSON file at ``path`` (created if missing), atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(path.read_text()) if path.exists() else {}
@@ -27,12 +29,16 @@ def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:
 
 
 class SampleEvaluation(L.Callback):
-    """Draw ``num_samples`` samples (sharded by seed over the ranks, gathered) and compare them with
-    the held-out data: sliced Wasserstein distance, moment errors, memorized fraction, and the true
-    log density where the data's is known. Logged as ``eval/*`` and written to ``metrics.json``.
+    """Draw ``num_samples`` samples with the EMA weights and evaluate them (``lightning_diff.metrics.suite``):
+    Frechet and kernel distances in a feature space, memorization, sliced Wasserstein distance, and
+    for vectors MMD, histogram TV and the true log density; optionally Inception metrics.
 
-    Runs at the end of training and, if ``every_n_steps > 0``, periodically. Every rank samples and
-    joins the gather; only rank 0 writes.
+    Runs at the end of training and every ``every_n_steps`` if positive. Sample ``i`` comes from the
+    seed ``(seed, i)`` and each rank draws a contiguous block of indices, so the samples, and every
+    metric (torchmetrics states reduced across ranks), do not depend on the number of processes.
+    Every rank samples, updates and computes; rank 0 alone writes ``metrics.json`` and figures
+    (histograms of the nearest-neighbour ratio and distance; generated images above their nearest
+    training images), and sends them to the loggers.
     """
 
     def __init__(
@@ -43,6 +49,12 @@ class SampleEvaluation(L.Callback):
         seed: int = 12345,
         batch_size: int = 500,
         sampler: Sampler | None = None,
+        feature_space: str = "auto",
+        kid: bool = True,
+        inception: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+        figures_dir: str | Path | None = None,
+        num_pairs: int = 8,
     ):
         self.metrics_path = Path(metrics_path)
         self.num_samples = num_samples
@@ -50,6 +62,13 @@ class SampleEvaluation(L.Callback):
         self.seed = seed
         self.batch_size = batch_size
         self.sampler = sampler
+        self.feature_space = feature_space
+        self.kid = kid
+        self.inception = dict(inception) if inception else None
+        self.cache_dir = cache_dir
+        self.figures_dir = Path(figures_dir) if figures_dir else self.metrics_path.parent / "eval"
+        self.num_pairs = num_pairs
+        self._suite = None
         self._last_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -61,18 +80,47 @@ class SampleEvaluation(L.Callback):
         if trainer.global_step != self._last_step:
             self.run(trainer, pl_module)
 
+    def suite(self, trainer, device: torch.device):
+        if self._suite is None:
+            cache = self.cache_dir if trainer.is_global_zero else None  # one writer of the cache
+            self._suite = build_suite(
+                trainer.datamodule,
+                self.feature_space,
+                self.kid,
+                self.seed,
+                cache,
+                trainer.global_rank,
+                trainer.world_size,
+            ).to(device)
+        self._suite.reset()
+        return self._suite
+
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         self._last_step = trainer.global_step
         dm = trainer.datamodule
+        suite = self.suite(trainer, pl_module.device)
         indices = shard_indices(self.num_samples, trainer.global_rank, trainer.world_size)
         local, nfe = generate(
             pl_module, indices, tuple(dm.data_shape), self.sampler, self.seed, self.batch_size
         )
-        gathered = pl_module.all_gather(local)
-        samples = (
-            gathered.reshape(-1, *local.shape[1:])[: self.num_samples] if trainer.world_size > 1 else local
+        if len(local):
+            suite.update(local)
+        metrics = suite.compute()
+        metrics.update(suite.floor(self.num_samples))
+        samples = gather_shards(pl_module, local, self.num_samples, trainer.world_size).cpu()
+        tag = f"step_{trainer.global_step:07d}"
+        figures = save_memorization_figures(
+            suite,
+            samples,
+            dm.train_tensor(),
+            self.figures_dir,
+            tag,
+            self.num_pairs,
+            write=trainer.is_global_zero,
         )
-        metrics = evaluate_samples(samples, dm.train_tensor(), dm.val_tensor(), dm.log_prob, seed=self.seed)
+        if trainer.is_global_zero:
+            # torch-fidelity has no collectives: rank 0 alone computes Inception metrics.
+            metrics.update(inception(samples, dm, self.inception, self.cache_dir))
         metrics["nfe"] = float(nfe)
         named = {f"eval/{k}": v for k, v in metrics.items()}
         for logger in trainer.loggers:
@@ -81,4 +129,6 @@ class SampleEvaluation(L.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
         if trainer.is_global_zero:
             write_metrics(self.metrics_path, named, step=trainer.global_step, num_samples=self.num_samples)
+            for path in figures:
+                log_image(trainer, f"eval/{path.stem.removesuffix('_' + tag)}", path)
         return metrics

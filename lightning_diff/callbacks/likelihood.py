@@ -20,7 +20,7 @@ from lightning_diff.callbacks.evaluation import write_metrics
 from lightning_diff.diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
-from lightning_diff.sampling import shard_indices
+from lightning_diff.sampling import gather_shards, shard_indices
 
 
 def heldout_data(datamodule, num_samples: int) -> Tensor:
@@ -48,9 +48,10 @@ def log_likelihoods(
     Row ``j`` is sample ``indices[j]`` and draws from the seed ``(seed, indices[j])``. Images are
     dequantised first (:func:`dequantize`). ``options`` go to :func:`ode_log_likelihood`. Returns
     two (N,) tensors on the model's device: log-likelihoods and per-sample evaluation counts
-    (each batch's mean).
+    (each batch's mean). The flow is the model's own denoiser, never clamped to the data range
+    (``clip_denoised`` is a sampling heuristic that would change the density).
     """
-    denoiser = model.denoiser(use_ema)
+    denoiser = model.make_denoiser(model.ema.module if use_ema else model.net)
     was_training = denoiser.training
     denoiser.eval()
     logps, nfes = [], []
@@ -121,12 +122,12 @@ class ODELikelihood(L.Callback):
         dm = trainer.datamodule
         data = heldout_data(dm, self.num_samples)
         n = len(data)
-        indices = shard_indices(n, trainer.global_rank, trainer.world_size)
-        rows = [i % n for i in indices]
-        logp, nfe = log_likelihoods(pl_module, data[rows], rows, self.seed, self.batch_size, **self.options)
-        if trainer.world_size > 1:
-            logp = pl_module.all_gather(logp).reshape(-1)[:n]
-            nfe = pl_module.all_gather(nfe).reshape(-1)[:n]
+        rows = shard_indices(n, trainer.global_rank, trainer.world_size)
+        logp, nfe = log_likelihoods(
+            pl_module, data[rows.start : rows.stop], rows, self.seed, self.batch_size, **self.options
+        )
+        logp = gather_shards(pl_module, logp, n, trainer.world_size)
+        nfe = gather_shards(pl_module, nfe, n, trainer.world_size)
         metrics = likelihood_metrics(logp, nfe, tuple(dm.data_shape))
         named = {f"eval/{k}": v for k, v in metrics.items()}
         for logger in trainer.loggers:

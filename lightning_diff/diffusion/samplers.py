@@ -109,12 +109,6 @@ def sample_ancestral(
     return x, len(sigmas) - 1
 
 
-SAMPLERS: dict[str, Callable[..., tuple[Tensor, int]]] = {
-    "ddim": sample_ddim,
-    "ancestral": sample_ancestral,
-}
-
-
 class Sampler:
     """A sampling algorithm with its step count and timestep spacing, as built from ``conf/sampler``.
 

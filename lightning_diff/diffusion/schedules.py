@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lightning_diff.errors import ConfigError
 
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "uniform")
 
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -105,7 +105,7 @@ class DiscreteSchedule(nn.Module):
 
         ``leading``: ``0, k, 2k, ...`` with ``k = T // num_steps`` (DDIM's original choice);
         ``trailing``: ends exactly at ``T - 1`` (Lin et al. 2023, Table 2); ``linspace``: evenly
-        rounded over ``[0, T - 1]``.
+        rounded over ``[0, T - 1]`` (``uniform`` is an alias, the name the score-SDE samplers use).
         """
         T = self.num_timesteps
         if not 1 <= num_steps <= T:
@@ -114,11 +114,11 @@ class DiscreteSchedule(nn.Module):
             ts = np.arange(num_steps) * (T // num_steps)
         elif spacing == "trailing":
             ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64)[::-1] - 1
-        elif spacing == "linspace":
+        elif spacing in ("linspace", "uniform"):
             ts = np.linspace(0, T - 1, num_steps).round()
         else:
             raise ConfigError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
-        return torch.as_tensor(np.ascontiguousarray(ts[::-1]), dtype=torch.long)
+        return torch.as_tensor(ts[::-1].copy(), dtype=torch.long)
 
     def sampling_sigmas(self, num_steps: int, spacing: str = "leading") -> Tensor:
         """The sampler's noise levels: the chosen timesteps' sigmas, descending, then a final 0."""

@@ -1,5 +1,34 @@
 """Sample-quality and memorization measures."""
 
-from lightning_diff.metrics.distances import moment_errors, nearest_neighbour_ratio, sliced_wasserstein
+from lightning_diff.metrics.distances import (
+    moment_errors,
+    nearest_neighbour_ratio,
+    nearest_neighbours,
+    sliced_wasserstein,
+)
+from lightning_diff.metrics.frechet import (
+    FrechetDistance,
+    GaussianStats,
+    KernelDistance,
+    frechet_distance,
+    polynomial_mmd,
+)
+from lightning_diff.metrics.memorization import Memorization
+from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
 
-__all__ = ["moment_errors", "nearest_neighbour_ratio", "sliced_wasserstein"]
+__all__ = [
+    "MMD",
+    "DataLogLikelihood",
+    "FrechetDistance",
+    "GaussianStats",
+    "HistogramTV",
+    "KernelDistance",
+    "Memorization",
+    "SlicedWasserstein",
+    "frechet_distance",
+    "moment_errors",
+    "nearest_neighbour_ratio",
+    "nearest_neighbours",
+    "polynomial_mmd",
+    "sliced_wasserstein",
+]

@@ -1,50 +1,131 @@
-"""The feature-free evaluation every run reports, shared by the evaluation callback and ``ld-eval``."""
+"""One evaluation for the callback and for ``ld-eval``: build the suite for a DataModule, feed it
+samples, add the optional Inception metrics and the floors, and draw the memorization figures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_diff.metrics.distances import moment_errors, nearest_neighbour_ratio, sliced_wasserstein
+from lightning_diff.metrics.suite import EvaluationSuite
 
-MEMORIZATION_RATIO = 1 / 3
+
+def reference_key(datamodule, feature_space: str) -> str:
+    """Cache key of a DataModule's training statistics: data set, subset size, seed and features."""
+    n = len(datamodule.train_tensor())
+    extra = getattr(datamodule, "path", "") or ""
+    digest = hashlib.sha1(str(extra).encode()).hexdigest()[:8] if extra else "bundled"
+    return f"{datamodule.name}-n{n}-seed{getattr(datamodule, 'seed', 0)}-{digest}-{feature_space}"
+
+
+def build_suite(
+    datamodule,
+    feature_space: str = "auto",
+    kid: bool = True,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EvaluationSuite:
+    cache = (
+        Path(cache_dir) / "reference" / f"{reference_key(datamodule, feature_space)}.pt"
+        if cache_dir
+        else None
+    )
+    return EvaluationSuite(
+        datamodule.train_tensor(),
+        datamodule.val_tensor(),
+        datamodule.log_prob,
+        data_name=datamodule.name,
+        feature_space=feature_space,
+        kid=kid,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        reference_cache=cache,
+    )
+
+
+def inception(
+    samples: Tensor, datamodule, options: dict[str, Any] | None, cache_dir: str | Path | None
+) -> dict[str, float]:
+    """Inception metrics through torch-fidelity when ``options['enabled']`` (images only)."""
+    if not options or not options.get("enabled") or not datamodule.is_image:
+        return {}
+    from lightning_diff.metrics.fidelity import inception_metrics
+
+    opts = {k: v for k, v in options.items() if k != "enabled"}
+    return inception_metrics(
+        samples,
+        datamodule.train_tensor(),
+        reference_name=reference_key(datamodule, "inception"),
+        cache_dir=Path(cache_dir) / "fidelity" if cache_dir else None,
+        **opts,
+    )
 
 
 def evaluate_samples(
     samples: Tensor,
-    train: Tensor,
-    heldout: Tensor | None = None,
-    log_prob: Callable[[Tensor], Tensor | None] | None = None,
+    datamodule,
+    feature_space: str = "auto",
+    kid: bool = True,
     seed: int = 0,
-) -> dict[str, float]:
-    """Compare samples with the held-out set (or the training set when there is none).
+    cache_dir: str | Path | None = None,
+    inception_options: dict[str, Any] | None = None,
+) -> tuple[dict[str, float], EvaluationSuite]:
+    """All metrics of ``samples`` in one process; returns the values and the suite (for figures)."""
+    suite = build_suite(datamodule, feature_space, kid, seed, cache_dir)
+    for chunk in samples.split(1000):
+        suite.update(chunk)
+    values = suite.compute()
+    values.update(suite.floor(len(samples)))
+    values.update(inception(samples, datamodule, inception_options, cache_dir))
+    return values, suite
 
-    Returns (names without prefix):
-      ``sliced_wasserstein`` to the reference, and ``sliced_wasserstein_floor``: the same distance
-      from an equally large subset of the training set, the value a perfect model would get;
-      ``mean_error``, ``cov_rel_error``; ``memorized_fraction`` (NN1 / NN2 < 1/3 against the
-      training set) and ``nn1_distance`` (mean distance to the nearest training sample);
-      ``data_log_prob``: the mean true log density of the samples, where the data's is known.
-    """
-    samples = samples.detach().float().cpu()
-    train = train.detach().float().cpu()
-    reference = heldout.detach().float().cpu() if heldout is not None and len(heldout) > 1 else train
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, float] = {
-        "sliced_wasserstein": float(sliced_wasserstein(samples, reference, generator=gen)),
-    }
-    gen = torch.Generator().manual_seed(seed)
-    subset = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: len(samples)]]
-    out["sliced_wasserstein_floor"] = float(sliced_wasserstein(subset, reference, generator=gen))
-    out.update(moment_errors(samples, reference))
-    if len(train) >= 2:
-        nn1, ratio = nearest_neighbour_ratio(samples, train)
-        out["memorized_fraction"] = float((ratio < MEMORIZATION_RATIO).float().mean())
-        out["nn1_distance"] = float(nn1.mean())
-    if log_prob is not None:
-        lp = log_prob(samples)
-        if lp is not None:
-            out["data_log_prob"] = float(lp.clamp(min=-1e4).mean())
-    return out
+
+def save_memorization_figures(
+    suite: EvaluationSuite,
+    samples: Tensor,
+    train: Tensor,
+    out_dir: str | Path,
+    tag: str,
+    num_pairs: int = 8,
+    write: bool = True,
+) -> list[Path]:
+    """Histograms of the NN1/NN2 ratio and of NN1 distances, and (images) the most memorized samples
+    above their nearest training images. Reads gathered states, so under DDP every rank calls it;
+    only those with ``write`` draw and save."""
+    hists = suite.memorization.histograms(bins=40)
+    positions, nearest = suite.memorization.pairs(num_pairs)
+    if not write:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_diff.plotting import save_samples_figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    for ax, (key, label) in zip(
+        axes, [("ratio", "NN1 / NN2 distance ratio"), ("nn1", "NN1 distance")], strict=True
+    ):
+        counts, edges = hists[key]
+        ax.stairs(counts, edges, fill=True)
+        ax.set_xlabel(label)
+    axes[0].axvline(suite.memorization.threshold, color="tab:red", linestyle="--", label="memorized below")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"nn_histograms_{tag}.png")
+    fig.savefig(paths[-1])
+    plt.close(fig)
+    if suite.is_image and len(positions):
+        pairs = torch.cat([samples[positions.cpu()].cpu(), train[nearest.cpu()].cpu()])
+        paths.append(save_samples_figure(pairs, out_dir / f"nearest_{tag}.png", nrow=len(positions)))
+    return paths

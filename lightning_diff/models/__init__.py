@@ -2,5 +2,6 @@
 
 from lightning_diff.models.base import DiffusionModule
 from lightning_diff.models.ddpm import DDPM
+from lightning_diff.models.score_sde import ScoreSDE
 
-__all__ = ["DDPM", "DiffusionModule"]
+__all__ = ["DDPM", "DiffusionModule", "ScoreSDE"]

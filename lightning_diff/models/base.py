@@ -24,26 +24,28 @@ from lightning_diff.errors import ConfigError
 CHECKPOINT_KEY = "lightning_diff"
 
 
-def ema_update_fn(decay: float, warmup: bool) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+class EMAUpdate:
     """An ``AveragedModel`` update: exponential moving average with an optional warm-up.
 
     With warm-up the effective decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
     the average is not dominated by the random initial weights in short runs (the schedule used by
-    TensorFlow's ExponentialMovingAverage with ``num_updates``). Integer buffers are copied.
+    TensorFlow's ExponentialMovingAverage with ``num_updates``). Integer buffers are copied. A class
+    rather than a closure, so the module pickles (``ddp_spawn``).
     """
 
+    def __init__(self, decay: float, warmup: bool):
+        self.decay, self.warmup = decay, warmup
+
     @torch.no_grad()
-    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         n = float(num_averaged)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        d = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floats:
             torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
         for a, c in zip(averaged, current, strict=True):
             if not a.is_floating_point():
                 a.copy_(c)
-
-    return update
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -85,7 +87,7 @@ class DiffusionModule(L.LightningModule):
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay} must be in [0, 1)")
         self.net = net
-        self.ema = AveragedModel(net, multi_avg_fn=ema_update_fn(ema_decay, ema_warmup), use_buffers=True)
+        self.ema = AveragedModel(net, multi_avg_fn=EMAUpdate(ema_decay, ema_warmup), use_buffers=True)
         self.ema.requires_grad_(False)
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_warmup_steps = lr_warmup_steps

@@ -1,0 +1,164 @@
+"""The set of metrics a run reports, chosen for its data, shared by the evaluation callback and ``ld-eval``.
+
+Every metric is a torchmetrics ``Metric`` (states reduced across processes), so the suite gives the
+same numbers on 1 or N processes when each process updates it with its share of the samples.
+
+Vectors: Frechet and kernel distances over raw coordinates (``fd_raw``, ``kid_raw``), sliced
+Wasserstein distance, MMD, total variation between 2-D histograms, the true log density of the
+samples where the data's is known, and memorization. Images: Frechet and kernel distances in a
+feature space (``digits_cnn`` for the digits, else ``raw`` pixels unless configured), sliced
+Wasserstein distance over pixels and memorization in pixel space. Inception metrics (torch-fidelity)
+are added by the callers on request.
+
+References: Frechet and kernel distances, and memorization, compare with the training set (the FID
+convention); the distances over coordinates compare with the held-out split. ``floor()`` reports
+the same distances for held-out data against the same references: what a perfect model would
+score with as many samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.features import DigitsFeatures, RawFeatures
+from lightning_diff.metrics.frechet import FrechetDistance, KernelDistance
+from lightning_diff.metrics.memorization import Memorization
+from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
+
+FEATURE_SPACES = ("auto", "raw", "digits_cnn")
+
+
+def feature_extractor(space: str, data_name: str, is_image: bool) -> nn.Module | None:
+    """``auto``: the digits classifier for the digits, raw coordinates or pixels otherwise."""
+    if space == "auto":
+        space = "digits_cnn" if is_image and data_name == "digits" else "raw"
+    if space == "raw":
+        return RawFeatures()
+    if space == "digits_cnn":
+        return DigitsFeatures()
+    raise ConfigError(f"unknown feature space {space!r}: use one of {', '.join(FEATURE_SPACES)}")
+
+
+class EvaluationSuite(nn.Module):
+    """Metrics of generated samples against a data set's training and held-out splits.
+
+    Args:
+        train, heldout: the data's splits in data space (held-out may be empty: the training set
+            stands in).
+        log_prob: the data's exact log density, or None.
+        feature_space: see :func:`feature_extractor`.
+        kid: also compute the kernel distance in the feature space.
+        rank, world_size: this process's share of the training set when adding it to ``cat``
+            states, so the gathered reference holds each training sample once.
+        reference_cache: a file to keep the training set's feature statistics in (computed once).
+    """
+
+    def __init__(
+        self,
+        train: Tensor,
+        heldout: Tensor | None = None,
+        log_prob=None,
+        data_name: str = "",
+        feature_space: str = "auto",
+        kid: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        reference_cache: str | Path | None = None,
+    ):
+        super().__init__()
+        train = train.float()
+        heldout = heldout.float() if heldout is not None and len(heldout) > 1 else train
+        self.is_image = train.ndim == 4
+        self.train, self.heldout = train, heldout
+        extractor = feature_extractor(feature_space, data_name, self.is_image)
+        dim = int(train[:1].reshape(1, -1).shape[1]) if isinstance(extractor, RawFeatures) else None
+        self.frechet = FrechetDistance(extractor, feature_dim=dim, reset_real_features=False)
+        self._set_frechet_reference(train, reference_cache)
+        self.kid = KernelDistance(extractor, seed=seed) if kid else None
+        self._kid_reference = train[rank::world_size]
+        if self.kid is not None:
+            self.kid.update(self._kid_reference, real=True)
+        self.memorization = Memorization(train)
+        self.sliced_wasserstein = SlicedWasserstein(heldout, seed=seed)
+        self.vector_metrics = nn.ModuleDict()
+        if not self.is_image:
+            self.vector_metrics["mmd"] = MMD(heldout, seed=seed)
+            if train.shape[1] == 2:
+                self.vector_metrics["tv_hist"] = HistogramTV(heldout, bins=16)
+            if log_prob is not None and log_prob(heldout[:2]) is not None:
+                self.vector_metrics["data_log_prob"] = DataLogLikelihood(log_prob)
+
+    def _set_frechet_reference(self, train: Tensor, cache: str | Path | None) -> None:
+        path = Path(cache) if cache else None
+        if path is not None and path.is_file():
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+            self.frechet.set_reference(stats["mean"], stats["cov"], int(stats["n"]))
+            return
+        # Every rank holds the whole training set: its statistics are computed locally, never synced.
+        probe = FrechetDistance(
+            self.frechet.feature_extractor, feature_dim=self.frechet.feature_dim, sync_on_compute=False
+        )
+        probe.update(train, real=True)
+        stats = probe.reference_stats()
+        self.frechet.set_reference(stats.mean, stats.cov, stats.n)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"mean": stats.mean, "cov": stats.cov, "n": stats.n}, tmp)
+            tmp.replace(path)
+
+    def metrics(self) -> list[nn.Module]:
+        found = [self.frechet, self.memorization, self.sliced_wasserstein, *self.vector_metrics.values()]
+        return found + ([self.kid] if self.kid is not None else [])
+
+    @torch.no_grad()
+    def update(self, samples: Tensor) -> None:
+        samples = samples.float()
+        self.frechet.update(samples, real=False)
+        if self.kid is not None:
+            self.kid.update(samples, real=False)
+        self.memorization.update(samples)
+        self.sliced_wasserstein.update(samples)
+        for metric in self.vector_metrics.values():
+            metric.update(samples)
+
+    @torch.no_grad()
+    def compute(self) -> dict[str, float]:
+        """All values, by name. A collective under DDP: call on every rank."""
+        out = {self.frechet.key: float(self.frechet.compute())}
+        if self.kid is not None:
+            mean, std = self.kid.compute()
+            out[f"{self.kid.key}_mean"], out[f"{self.kid.key}_std"] = float(mean), float(std)
+        out.update({k: float(v) for k, v in self.memorization.compute().items()})
+        out["sliced_wasserstein"] = float(self.sliced_wasserstein.compute())
+        out.update({k: float(m.compute()) for k, m in self.vector_metrics.items()})
+        return out
+
+    def reset(self) -> None:
+        """Forget the generated samples; the training-set side of every metric stays."""
+        for metric in self.metrics():
+            metric.reset()
+        if self.kid is not None:
+            self.kid.update(self._kid_reference.to(self.frechet.device), real=True)
+
+    @torch.no_grad()
+    def floor(self, num_samples: int) -> dict[str, float]:
+        """What a perfect model would score with ``num_samples`` samples (computed locally, no sync):
+        the Frechet distance of held-out data to the training statistics, and the sliced
+        Wasserstein distance of training data to the held-out set."""
+        fd = FrechetDistance(
+            self.frechet.feature_extractor, feature_dim=self.frechet.feature_dim, sync_on_compute=False
+        )
+        fd.set_reference(self.frechet.ref_mean, self.frechet.ref_cov, self.frechet.ref_n)
+        fd.update(self.heldout[:num_samples].to(self.frechet.device), real=False)
+        sw = SlicedWasserstein(self.heldout, seed=self.sliced_wasserstein.seed, sync_on_compute=False)
+        sw.update(self.train[:num_samples])
+        return {
+            f"{self.frechet.key}_floor": float(fd.compute()),
+            "sliced_wasserstein_floor": float(sw.compute()),
+        }

@@ -1,0 +1,49 @@
+"""The evaluation callback gives the same numbers on 2 gloo processes as ld-eval on 1 process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose_named, compose_train
+
+from lightning_diff.evaluate import evaluate
+from lightning_diff.train import train
+
+
+@pytest.mark.ddp
+def test_evaluation_on_two_processes_matches_one(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [
+        "data=digits",
+        "trainer.max_steps=2",
+        "trainer.devices=2",
+        "trainer.strategy=ddp_spawn",
+        "callbacks.evaluation.num_samples=21",  # not a multiple of the world size: uneven shards
+        "callbacks.evaluation.kid=true",
+        "callbacks.sample_grid.every_n_steps=0",
+        "logger=csv",
+    ]
+    train(compose_train(overrides, run_dir))
+    two = json.loads((run_dir / "metrics.json").read_text())
+    one = evaluate(
+        compose_named(
+            "eval",
+            [
+                f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+                "num_samples=21",
+                "sample_seed=12345",
+                f"out={tmp_path / 'one.json'}",
+                f"cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    )
+    assert two["step"] == 2
+    for key in (
+        "fd_digits_cnn",
+        "kid_digits_cnn_mean",
+        "memorized_fraction",
+        "ratio_mean",
+        "sliced_wasserstein",
+    ):
+        assert two[f"eval/{key}"] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

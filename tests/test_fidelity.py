@@ -1,0 +1,64 @@
+"""torch-fidelity exercised offline: Inception weights from a file that the test makes itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.fidelity import UInt8Images, inception_metrics
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A randomly initialised (default PyTorch init, not degenerate) TF-compatible Inception-v3, saved."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save({}, folder / "empty.pth")
+    # Build the network without loading anything into it: its layers keep their random initialisation.
+    original = fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state_dict, *a, **k: None
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth")
+        )
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = original
+    # He initialisation keeps activations at unit scale through the ~50 ReLU layers; PyTorch's
+    # default conv init shrinks them geometrically and every feature would end up ~0.
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = folder / "inception_random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_images_are_quantised_and_grey_is_repeated():
+    ds = UInt8Images(torch.tensor([[[[-1.0, 1.0]]]]))
+    img = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 1, 2)
+    assert img[:, 0, 0].tolist() == [0, 0, 0] and img[:, 0, 1].tolist() == [255, 255, 255]
+
+
+def test_fid_and_kid_through_torch_fidelity_with_a_local_weights_file(random_inception_weights, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    reference = torch.rand(12, 1, 8, 8, generator=gen) * 2 - 1
+    shifted = (reference * 0.2 + 0.7).clamp(-1, 1)
+    kwargs = dict(
+        weights_path=random_inception_weights, cache_dir=tmp_path, reference_name="unit", kid_subsets=10
+    )
+    same = inception_metrics(reference, reference, **kwargs)
+    other = inception_metrics(shifted, reference, **kwargs)
+    assert abs(same["fid_inception"]) < 1e-3
+    assert other["fid_inception"] > 1e-2 > same["fid_inception"]
+    assert set(same) == {"fid_inception", "kid_inception_mean", "kid_inception_std"}
+    assert list(tmp_path.rglob("*unit*")), "reference statistics were not cached"
+
+
+def test_missing_weights_file_is_a_config_error(tmp_path):
+    x = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="weights_path"):
+        inception_metrics(x, x, weights_path=tmp_path / "none.pth", cache_dir=tmp_path, reference_name="r")
