@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_diff.callbacks.evaluation import write_metrics
+from lightning_diff.callbacks.base import write_metrics
 from lightning_diff.callbacks.likelihood import heldout_data, likelihood_metrics, log_likelihoods
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device

@@ -128,3 +128,32 @@ def test_cli_unknown_config_key_names_the_key_and_the_fix(tmp_path):
     result = run_cli("lightning_diff.train", "no_such_key=1", f"run_dir={tmp_path}/r")
     assert result.returncode != 0
     assert "no_such_key" in result.stderr and "+no_such_key" in result.stderr
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ancestral", "euler_maruyama", "pc", "heun", "ode"])
+def test_sample_with_every_sampler(ckpt, tmp_path, sampler):
+    """Every sampler draws from a DDPM checkpoint through ld-sample (cross-family by design)."""
+    overrides = [
+        f"ckpt={ckpt}",
+        "num_samples=3",
+        f"out={tmp_path / 's.npy'}",
+        f"sampler={sampler}",
+        "num_steps=4",
+    ]
+    array = sample(compose_named("sample", overrides))
+    assert array.shape == (3, 1, 8, 8) and np.isfinite(array).all()
+
+
+def test_reference_statistics_are_cached_and_reused(tmp_path):
+    from lightning_diff.data import DigitsDataModule
+    from lightning_diff.metrics.evaluate import build_suite
+
+    dm = DigitsDataModule()
+    first = build_suite(dm, kid=False, cache_dir=tmp_path)
+    files = list((tmp_path / "reference").glob("digits-*-digits_cnn.pt"))
+    assert len(files) == 1
+    second = build_suite(dm, kid=False, cache_dir=tmp_path)
+    torch.testing.assert_close(second.frechet.ref_cov, first.frechet.ref_cov)
+    # A different subset is a different key: no stale statistics.
+    build_suite(DigitsDataModule(num_train=100), kid=False, cache_dir=tmp_path)
+    assert len(list((tmp_path / "reference").glob("*.pt"))) == 2

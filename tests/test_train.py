@@ -37,7 +37,7 @@ def test_digits_run_directory_has_everything(digits_run):
     assert 0.0 <= saved["eval/memorized_fraction"] <= 1.0 and saved["eval/nfe"] == 5
     for key in (
         "eval/fd_digits_cnn",
-        "eval/fd_digits_cnn_floor",
+        "eval/fd_digits_cnn_heldout",
         "eval/kid_digits_cnn_mean",
         "eval/ratio_mean",
     ):

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.metrics.evaluate import build_suite, inception, save_memorization_figures
 from lightning_diff.sampling import gather_shards, generate, shard_indices
 
 
-def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:
-    """Merge ``metrics`` into the JSON file at ``path`` (created if missing), atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.update(extra)
-    current.update(metrics)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-class SampleEvaluation(L.Callback):
+class SampleEvaluation(PeriodicCallback):
     """Draw ``num_samples`` samples with the EMA weights and evaluate them (``lightning_diff.metrics.suite``):
     Frechet and kernel distances in a feature space, memorization, sliced Wasserstein distance, and
     for vectors MMD, histogram TV and the true log density; optionally Inception metrics.
@@ -56,9 +43,9 @@ class SampleEvaluation(L.Callback):
         figures_dir: str | Path | None = None,
         num_pairs: int = 8,
     ):
+        super().__init__(every_n_steps)
         self.metrics_path = Path(metrics_path)
         self.num_samples = num_samples
-        self.every_n_steps = every_n_steps
         self.seed = seed
         self.batch_size = batch_size
         self.sampler = sampler
@@ -69,16 +56,6 @@ class SampleEvaluation(L.Callback):
         self.figures_dir = Path(figures_dir) if figures_dir else self.metrics_path.parent / "eval"
         self.num_pairs = num_pairs
         self._suite = None
-        self._last_step = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
 
     def suite(self, trainer, device: torch.device):
         if self._suite is None:
@@ -96,7 +73,6 @@ class SampleEvaluation(L.Callback):
         return self._suite
 
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
-        self._last_step = trainer.global_step
         dm = trainer.datamodule
         suite = self.suite(trainer, pl_module.device)
         indices = shard_indices(self.num_samples, trainer.global_rank, trainer.world_size)
@@ -106,7 +82,7 @@ class SampleEvaluation(L.Callback):
         if len(local):
             suite.update(local)
         metrics = suite.compute()
-        metrics.update(suite.floor(self.num_samples))
+        metrics.update(suite.baselines(self.num_samples))
         samples = gather_shards(pl_module, local, self.num_samples, trainer.world_size).cpu()
         tag = f"step_{trainer.global_step:07d}"
         figures = save_memorization_figures(
@@ -122,13 +98,13 @@ class SampleEvaluation(L.Callback):
             # torch-fidelity has no collectives: rank 0 alone computes Inception metrics.
             metrics.update(inception(samples, dm, self.inception, self.cache_dir))
         metrics["nfe"] = float(nfe)
-        named = {f"eval/{k}": v for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(named, step=trainer.global_step)
-        # Also visible to code reading trainer.callback_metrics (train() returns them).
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
+        publish_metrics(
+            trainer,
+            {f"eval/{k}": v for k, v in metrics.items()},
+            self.metrics_path,
+            num_samples=self.num_samples,
+        )
         if trainer.is_global_zero:
-            write_metrics(self.metrics_path, named, step=trainer.global_step, num_samples=self.num_samples)
             for path in figures:
                 log_image(trainer, f"eval/{path.stem.removesuffix('_' + tag)}", path)
         return metrics

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_diff.callbacks.evaluation import write_metrics
+from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
 from lightning_diff.diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
@@ -81,7 +81,7 @@ def likelihood_metrics(log_likelihood: Tensor, nfe: Tensor, data_shape: Sequence
     return {name: float(per_dim.mean()), "likelihood_nfe": float(nfe.double().mean())}
 
 
-class ODELikelihood(L.Callback):
+class ODELikelihood(PeriodicCallback):
     """Log the held-out NLL (``eval/bits_per_dim`` or ``eval/nll_nats_per_dim``) and its evaluations.
 
     Runs at the end of training and, if ``every_n_steps > 0``, periodically, on the first
@@ -100,25 +100,14 @@ class ODELikelihood(L.Callback):
         batch_size: int = 256,
         **options: Any,
     ):
+        super().__init__(every_n_steps)
         self.metrics_path = Path(metrics_path)
         self.num_samples = num_samples
-        self.every_n_steps = every_n_steps
         self.seed = seed
         self.batch_size = batch_size
         self.options = options
-        self._last_step = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.run(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.run(trainer, pl_module)
 
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
-        self._last_step = trainer.global_step
         dm = trainer.datamodule
         data = heldout_data(dm, self.num_samples)
         n = len(data)
@@ -129,10 +118,7 @@ class ODELikelihood(L.Callback):
         logp = gather_shards(pl_module, logp, n, trainer.world_size)
         nfe = gather_shards(pl_module, nfe, n, trainer.world_size)
         metrics = likelihood_metrics(logp, nfe, tuple(dm.data_shape))
-        named = {f"eval/{k}": v for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(named, step=trainer.global_step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
-        if trainer.is_global_zero:
-            write_metrics(self.metrics_path, named, step=trainer.global_step, likelihood_samples=n)
+        publish_metrics(
+            trainer, {f"eval/{k}": v for k, v in metrics.items()}, self.metrics_path, likelihood_samples=n
+        )
         return metrics

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
+from lightning_diff.callbacks.base import PeriodicCallback
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.plotting import save_samples_figure
 from lightning_diff.sampling import generate
@@ -18,7 +19,7 @@ def log_image(trainer: L.Trainer, key: str, path: Path) -> None:
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(PeriodicCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training, draw ``num_samples`` samples
     from seeds ``0 .. num_samples - 1`` (sample ``i`` from seed ``(seed, i)``) with the EMA weights and
     save them as ``samples/step_XXXXXXX.png`` in the run directory (image grid, or a scatter plot
@@ -36,24 +37,13 @@ class SampleGrid(L.Callback):
         seed: int = 0,
         sampler: Sampler | None = None,
     ):
+        super().__init__(every_n_steps)
         self.out_dir = Path(out_dir)
-        self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
         self.sampler = sampler
-        self._last_step = -1
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.draw(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.draw(trainer, pl_module)
-
-    def draw(self, trainer: L.Trainer, pl_module) -> Path | None:
-        self._last_step = trainer.global_step
+    def run(self, trainer: L.Trainer, pl_module) -> Path | None:
         dm = trainer.datamodule
         samples, _ = generate(
             pl_module, range(self.num_samples), tuple(dm.data_shape), self.sampler, seed=self.seed

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.denoisers import Denoiser
-from lightning_diff.diffusion.samplers import Generator, StepCallback
+from lightning_diff.diffusion.samplers import Generator, StepCallback, denoise_step
 
 # Dormand & Prince 1980 (the DOPRI5 tableau of Hairer, Norsett & Wanner, Solving ODEs I, Sec. II.5).
 # Row i of _A gives stage i + 2 from stages 1 .. i + 1; the last row is the 5th-order solution, so the
@@ -163,11 +163,8 @@ def sample_heun(
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     nfe = 0
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
+        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
         nfe += 1
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
         slope = (x - denoised) / sigma.to(x.dtype)
         dsigma = (sigma_next - sigma).to(x.dtype)
         x_euler = x + dsigma * slope

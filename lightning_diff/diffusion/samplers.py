@@ -23,6 +23,20 @@ StepCallback = Callable[[dict[str, Any]], None]
 Generator = torch.Generator | SampleGenerators | None
 
 
+def denoise_step(
+    denoiser: Denoiser, x: Tensor, sigmas: Tensor, i: int, callback: StepCallback | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step ``i`` of a grid: evaluate ``D(x, sigmas[i])`` and report it to the per-step callback.
+
+    Returns ``(sigma, sigma_next, denoised)``; every sampler's loop starts here.
+    """
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+    return sigma, sigma_next, denoised
+
+
 def _ddim_noise_levels(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
     """Split the step to ``sigma_next`` into a deterministic part and fresh noise.
 
@@ -55,10 +69,7 @@ def sample_ddim(
     """
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
         if sigma_next == 0:
             x = denoised
             continue
@@ -92,10 +103,7 @@ def sample_ancestral(
         raise ConfigError(f"unknown ancestral variance {variance!r}: use posterior or beta")
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
         if sigma_next == 0:
             x = denoised
             continue

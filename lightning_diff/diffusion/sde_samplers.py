@@ -14,20 +14,16 @@ need nothing from the family but its grid of noise levels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.denoisers import Denoiser
 from lightning_diff.diffusion.random import randn
+from lightning_diff.diffusion.samplers import Generator, StepCallback, denoise_step
 from lightning_diff.diffusion.utils import append_dims
 from lightning_diff.errors import ConfigError
 
 LANGEVIN_NORMS = ("batch", "sample")
-
-if TYPE_CHECKING:  # samplers.py registers these functions, so it cannot be imported from here at run time
-    from lightning_diff.diffusion.samplers import Generator, StepCallback
 
 
 def _reverse_diffusion_step(
@@ -61,10 +57,7 @@ def sample_euler_maruyama(
     """
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
         if sigma_next == 0:
             x = denoised
             continue
@@ -134,11 +127,8 @@ def sample_pc(
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     nfe = 0
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma.to(x.dtype).expand(x.shape[0]))
+        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
         nfe += 1
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
         if sigma_next == 0:
             x = denoised
             continue

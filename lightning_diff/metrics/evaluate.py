@@ -1,5 +1,5 @@
 """One evaluation for the callback and for ``ld-eval``: build the suite for a DataModule, feed it
-samples, add the optional Inception metrics and the floors, and draw the memorization figures."""
+samples, add the optional Inception metrics and the real-data baselines, and draw the memorization figures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_diff.metrics.suite import EvaluationSuite
+from lightning_diff.metrics.suite import EvaluationSuite, resolve_feature_space
 
 
 def reference_key(datamodule, feature_space: str) -> str:
@@ -30,11 +30,8 @@ def build_suite(
     rank: int = 0,
     world_size: int = 1,
 ) -> EvaluationSuite:
-    cache = (
-        Path(cache_dir) / "reference" / f"{reference_key(datamodule, feature_space)}.pt"
-        if cache_dir
-        else None
-    )
+    space = resolve_feature_space(feature_space, datamodule.name, datamodule.is_image)
+    cache = Path(cache_dir) / "reference" / f"{reference_key(datamodule, space)}.pt" if cache_dir else None
     return EvaluationSuite(
         datamodule.train_tensor(),
         datamodule.val_tensor(),
@@ -81,7 +78,7 @@ def evaluate_samples(
     for chunk in samples.split(1000):
         suite.update(chunk)
     values = suite.compute()
-    values.update(suite.floor(len(samples)))
+    values.update(suite.baselines(len(samples)))
     values.update(inception(samples, datamodule, inception_options, cache_dir))
     return values, suite
 

@@ -1,0 +1,60 @@
+"""What the sampling callbacks share: when they run, and how their numbers are published."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:
+    """Merge ``metrics`` into the JSON file at ``path`` (created if missing), atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(extra)
+    current.update(metrics)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def publish_metrics(
+    trainer: L.Trainer, named: dict[str, float], metrics_path: str | Path, **extra: Any
+) -> None:
+    """Send ``named`` to every logger at the global step and to ``trainer.callback_metrics``; rank 0
+    also merges them into ``metrics.json``. Call on every rank (loggers are rank-0-only themselves)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(named, step=trainer.global_step)
+    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
+    if trainer.is_global_zero:
+        write_metrics(metrics_path, named, step=trainer.global_step, **extra)
+
+
+class PeriodicCallback(L.Callback):
+    """Calls ``run(trainer, pl_module)`` every ``every_n_steps`` optimiser steps (when positive) and
+    once at the end of training, never twice at the same step. ``run`` executes on every rank."""
+
+    def __init__(self, every_n_steps: int = 0):
+        self.every_n_steps = every_n_steps
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0:
+            self._run_once(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._run_once(trainer, pl_module)
+
+    def _run_once(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
