@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Train a DDPM on scikit-learn's bundled digits, sample, evaluate and log (offline wandb without a key).
+# Each run starts runs/demo afresh.
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/ld-train experiment=digits_ddpm run_dir=runs/demo
 
 test: $(STAMP)

@@ -27,7 +27,7 @@ def build_sampler(cfg: DictConfig, model) -> Sampler:
     """The sampler of ``cfg.sampler`` if given, else the model's own; ``cfg.num_steps`` overrides steps."""
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else model.sampler
     if cfg.get("num_steps"):
-        sampler = Sampler(sampler.fn, num_steps=cfg.num_steps, spacing=sampler.spacing)
+        sampler = sampler.with_num_steps(cfg.num_steps)
     return sampler
 
 

@@ -59,6 +59,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_shape = tuple(datamodule.data_shape)
     net = instantiate(cfg.net, data_shape=data_shape)
     model = instantiate(cfg.model, net=net)
+    if cfg.get("gaussian_reference", True):
+        model.set_gaussian_reference(datamodule.train_tensor())
+    if hasattr(model, "fit_data"):  # analytic families: nothing to train, fitted here
+        model.fit_data(datamodule.train_tensor())
 
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))

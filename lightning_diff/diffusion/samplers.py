@@ -149,6 +149,10 @@ class Sampler:
         x = randn(shape, generator, device=device) * float(schedule.prior_std(sigmas[0]))
         return self.fn(denoiser, x, sigmas, generator=generator, callback=callback)
 
+    def with_num_steps(self, num_steps: int) -> Sampler:
+        """The same algorithm and spacing with another step count."""
+        return Sampler(self.fn, num_steps=num_steps, spacing=self.spacing)
+
     def __repr__(self) -> str:
         name = getattr(self.fn, "func", self.fn).__name__
         return f"Sampler({name}, num_steps={self.num_steps}, spacing={self.spacing!r})"

@@ -14,6 +14,7 @@ from lightning_diff.metrics.frechet import (
     polynomial_mmd,
 )
 from lightning_diff.metrics.memorization import Memorization
+from lightning_diff.metrics.score_deviation import ScoreDeviation
 from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "HistogramTV",
     "KernelDistance",
     "Memorization",
+    "ScoreDeviation",
     "SlicedWasserstein",
     "frechet_distance",
     "moment_errors",
