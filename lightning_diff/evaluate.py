@@ -57,6 +57,25 @@ def heldout_likelihood(cfg: DictConfig, model, datamodule) -> dict[str, float]:
     return likelihood_metrics(logp, nfe, tuple(datamodule.data_shape))
 
 
+def log_to_wandb(cfg: DictConfig, named: dict[str, float], figures: list[Path], save_dir: Path) -> None:
+    """One wandb run per evaluation: the resolved config, the metrics and the figures."""
+    import wandb
+
+    from lightning_diff.loggers import wandb_mode
+
+    run = wandb.init(
+        project=cfg.wandb.project,
+        name=cfg.wandb.name,
+        group=cfg.wandb.group,
+        mode=wandb_mode(cfg.wandb.mode),
+        dir=str(save_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        job_type="eval",
+    )
+    run.log({**named, **{f"eval/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    run.finish()
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Sample from ``cfg.ckpt`` or read ``cfg.samples``; compare with the data; write and return metrics."""
     if bool(cfg.get("ckpt")) == bool(cfg.get("samples")):
@@ -110,6 +129,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         suite, samples, datamodule.train_tensor(), out_path.parent / "eval", "ld_eval", cfg.num_pairs
     )
     log.info("figures: %s", ", ".join(str(p) for p in figures))
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        log_to_wandb(cfg, named, figures, out_path.parent)
     print(json.dumps(named, indent=2, sort_keys=True))
     log.info("metrics written to %s", out)
     return metrics

@@ -157,3 +157,11 @@ def test_reference_statistics_are_cached_and_reused(tmp_path):
     # A different subset is a different key: no stale statistics.
     build_suite(DigitsDataModule(num_train=100), kid=False, cache_dir=tmp_path)
     assert len(list((tmp_path / "reference").glob("*.pt"))) == 2
+
+
+def test_eval_logs_to_an_offline_wandb_run(ckpt, tmp_path):
+    out = tmp_path / "m.json"
+    overrides = [f"ckpt={ckpt}", "num_samples=8", f"out={out}", "wandb.enabled=true", "wandb.mode=offline"]
+    evaluate(compose_named("eval", overrides))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
