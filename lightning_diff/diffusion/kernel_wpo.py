@@ -1,0 +1,329 @@
+"""A kernel score model with learned local precisions, after the WPO-informed kernel model.
+
+Zhang, Liu, Li, Katsoulakis & Osher 2024 (arXiv 2402.06162) read score-based generation as a
+Wasserstein proximal operator of the cross-entropy; a Cole-Hopf transform turns the backward HJB
+equation into a heat equation, so the score at every noise level is that of a *heat-smoothed terminal
+density*. They build that terminal density from Gaussian kernels placed at the training points, each
+with a learned local precision matrix, and fit the precisions by implicit score matching at the
+terminal (data) time. See ``docs/kernel_wpo.md`` for which details follow the paper and which are ours.
+
+The structure implemented here (in the package's variance-exploding coordinates ``x = x0 + sigma n``):
+
+* data-time density ``rho_0(x) = (1/N) sum_i N(x; y_i, C_i)``, ``C_i = P_i^{-1}``;
+* noised density ``rho_sigma(x) = (1/N) sum_i N(x; y_i, S_i)``, ``S_i = C_i + sigma^2 I`` (exact: the
+  heat flow keeps a Gaussian mixture a Gaussian mixture);
+* score ``s(x) = sum_i w_i(x) g_i(x)``, ``g_i = -S_i^{-1} (x - y_i)``, ``w`` the softmax of the
+  component log-densities; ``D(x, sigma) = x + sigma^2 s(x)``.
+
+Precision parameterisations: ``"isotropic"`` (``P_i = p_i I``), ``"diagonal"`` (``P_i = diag(p_i)``)
+and ``"lowrank"`` (``P_i = diag(p_i) + U_i U_i^T``, ``U_i`` of rank ``r``). Every ``S_i^{-1}`` is then
+``diag(a_i) + V_i V_i^T`` with ``V_i`` of ``r`` columns (two Woodbury steps), so nothing ``d x d`` is
+ever formed. The sums over training points run over chunks with a running log-sum-exp (memory
+``batch x chunk x d``), or over each query's ``top_k`` Euclidean nearest training points.
+
+As every ``p_i -> inf`` the score tends to the empirical (memorizing) score of the training set.
+:func:`fit_precisions` minimises Hyvarinen's objective ``E[1/2 |s|^2 + div s]`` on the training points,
+each scored by the mixture of the *other* points (leave-one-out) so that the self-centre optimum
+(``p_i -> inf``, which sends the objective to minus infinity) is not available.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.utils import append_dims, as_sigma_batch
+
+PRECISIONS = ("isotropic", "diagonal", "lowrank")
+
+
+def scott_bandwidth(train: Tensor) -> float:
+    """Scott's rule ``h = s N^{-1/(d+4)}`` with ``s`` the root mean per-coordinate variance."""
+    flat = train.reshape(train.shape[0], -1).to(torch.float64)
+    n, d = flat.shape
+    scale = flat.var(0, unbiased=False).mean().sqrt().item()
+    return scale * n ** (-1.0 / (d + 4))
+
+
+def _safe(m: Tensor) -> Tensor:
+    """Replace -inf running maxima by 0 so ``exp(v - m)`` stays finite (rows with no component yet)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+class KernelScore(Denoiser):
+    """Gaussian-mixture score with one learned local precision per training point.
+
+    Args:
+        train: (N, ...) training points; flattened to (N, d) and stored in float64.
+        precision: ``"isotropic"``, ``"diagonal"`` or ``"lowrank"``.
+        rank: columns of ``U_i`` for ``"lowrank"`` (ignored otherwise).
+        bandwidth: initial kernel standard deviation ``h`` (``P_i = I / h^2``); Scott's rule when None.
+        chunk_size: training points per chunk of the running log-sum-exp.
+        top_k: when set, each query only sees its ``top_k`` nearest training points (an approximation).
+        init_scale: standard deviation of the random initial ``U_i`` entries, relative to ``1 / h``.
+        seed: seeds the initial ``U_i``.
+        tied: share one precision diagonal across all points (``U_i`` stay per point). Per-point
+            isotropic or diagonal precisions are not identifiable by the leave-one-out objective alone:
+            a kernel can shrink onto a close neighbour and drive the loss down without bound (see
+            ``docs/kernel_wpo.md``); tying removes that direction.
+    """
+
+    def __init__(
+        self,
+        train: Tensor,
+        precision: str = "isotropic",
+        rank: int = 2,
+        bandwidth: float | None = None,
+        chunk_size: int = 1024,
+        top_k: int | None = None,
+        init_scale: float = 0.1,
+        seed: int = 0,
+        tied: bool = False,
+    ):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        flat = torch.as_tensor(train).reshape(train.shape[0], -1).to(torch.float64)
+        n, d = flat.shape
+        if n < 2:
+            raise ValueError("need at least two training points")
+        h = float(bandwidth) if bandwidth is not None else scott_bandwidth(flat)
+        self.register_buffer("points", flat)
+        self.precision = precision
+        self.rank = int(rank) if precision == "lowrank" else 0
+        self.chunk_size = int(chunk_size)
+        self.top_k = None if top_k is None else int(top_k)
+        self.tied = bool(tied)
+        log_p = torch.full(
+            (1 if tied else n, 1 if precision == "isotropic" else d), -2 * math.log(h), dtype=torch.float64
+        )
+        self.log_prec = nn.Parameter(log_p)
+        if self.rank > 0:
+            gen = torch.Generator().manual_seed(int(seed))
+            u = torch.randn(n, d, self.rank, generator=gen, dtype=torch.float64) * init_scale / h
+            self.factors = nn.Parameter(u)
+        else:
+            self.register_parameter("factors", None)
+
+    @property
+    def num_points(self) -> int:
+        return self.points.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[1]
+
+    def precision_matrices(self) -> Tensor:
+        """The (N, d, d) precisions ``P_i`` (for inspection and small tests only)."""
+        diag = self._log_prec(torch.arange(self.num_points, device=self.points.device)).exp()
+        diag = diag.expand(self.num_points, self.dim)
+        out = torch.diag_embed(diag)
+        if self.factors is not None:
+            out = out + self.factors @ self.factors.transpose(1, 2)
+        return out
+
+    def covariances(self) -> Tensor:
+        """The (N, d, d) data-time covariances ``C_i = P_i^{-1}``."""
+        return torch.linalg.inv(self.precision_matrices())
+
+    def _log_prec(self, idx: Tensor) -> Tensor:
+        if self.tied:
+            return self.log_prec[0].expand(*idx.shape, self.log_prec.shape[1])
+        return self.log_prec[idx]
+
+    # ------------------------------------------------------------------ components
+    def _components(self, idx: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+        """For components ``idx`` (any shape): centres, ``a``, ``V``, ``log det S`` and ``tr S^{-1}``.
+
+        ``S^{-1} = diag(a) + V V^T``. Shapes: ``idx.shape + (d,)``, ``(1,)`` or ``(d,)`` for ``a``,
+        ``(d, r)`` for ``V``, ``()`` for the scalars.
+        """
+        d, s2 = self.dim, float(sigma) ** 2
+        y = self.points[idx]
+        p = self._log_prec(idx).exp()
+        inv_p = 1 / p
+        e = inv_p + s2  # the diagonal of D^{-1} + sigma^2 I
+        a = 1 / e
+        if self.precision == "isotropic":
+            logdet = d * e.squeeze(-1).log()
+            trace = d * a.squeeze(-1)
+            return y, a, None, logdet, trace
+        logdet = e.log().sum(-1)
+        trace = a.sum(-1)
+        if self.factors is None:
+            return y, a, None, logdet, trace
+        u = self.factors[idx]  # (..., d, r)
+        eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
+        w = u * inv_p[..., None]  # D^{-1} U
+        k = eye + u.transpose(-1, -2) @ w  # I + U^T D^{-1} U
+        # M = K - W^T E^{-1} W, written without cancellation: I + U^T diag(sigma^2 a / p) U.
+        m = eye + u.transpose(-1, -2) @ (u * (s2 * a * inv_p)[..., None])
+        chol_m = torch.linalg.cholesky(m)
+        chol_k = torch.linalg.cholesky(k)
+        # V = E^{-1} W L^{-T}, so V V^T = E^{-1} W M^{-1} W^T E^{-1}.
+        rhs = (w * a[..., None]).transpose(-1, -2)
+        v = torch.linalg.solve_triangular(chol_m, rhs, upper=False).transpose(-1, -2)
+        logdet_m = 2 * chol_m.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        logdet_k = 2 * chol_k.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return y, a, v, logdet + logdet_m - logdet_k, trace + (v**2).sum((-1, -2))
+
+    def _terms(self, x: Tensor, comps, need_div: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Component log-densities (B, c), ``g_i`` (B, c, d) and ``|g_i|^2 - tr S_i^{-1}`` (B, c)."""
+        y, a, v, logdet, trace = comps
+        delta = x[:, None, :] - y  # (B, c, d)
+        g = a * delta
+        quad = (delta * g).sum(-1)
+        if v is not None:
+            lead = "c" if v.ndim == 3 else "bc"  # shared chunk or per-query neighbours
+            z = torch.einsum(f"{lead}dr,bcd->bcr", v, delta)
+            quad = quad + (z**2).sum(-1)
+            g = g + torch.einsum(f"{lead}dr,bcr->bcd", v, z)
+        logits = -0.5 * (quad + logdet + self.dim * math.log(2 * math.pi))
+        q = (g**2).sum(-1) - trace if need_div else None
+        return logits, -g, q
+
+    def _neighbours(self, x: Tensor, k: int) -> Tensor:
+        """Indices (B, k) of each query's k nearest training points, found chunk by chunk."""
+        best_d = torch.full((x.shape[0], 0), math.inf, dtype=x.dtype, device=x.device)
+        best_i = torch.zeros((x.shape[0], 0), dtype=torch.long, device=x.device)
+        for start in range(0, self.num_points, self.chunk_size):
+            pts = self.points[start : start + self.chunk_size]
+            dist = torch.cdist(x, pts)
+            idx = torch.arange(start, start + pts.shape[0], device=x.device).expand_as(dist)
+            best_d = torch.cat([best_d, dist], 1)
+            best_i = torch.cat([best_i, idx], 1)
+            keep = best_d.topk(min(k, best_d.shape[1]), dim=1, largest=False).indices
+            best_d, best_i = best_d.gather(1, keep), best_i.gather(1, keep)
+        return best_i
+
+    def _accumulate(
+        self, x: Tensor, sigma: float, exclude: Tensor | None = None, need_div: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``log sum_i exp(logit_i)`` (B,), the score (B, d) and, optionally, ``sum_i w_i q_i`` (B,).
+
+        All ``x`` share one ``sigma``. ``exclude`` (B,) drops one component per query (leave-one-out).
+        """
+        b = x.shape[0]
+        if self.top_k is not None and self.top_k < self.num_points - (exclude is not None):
+            k = self.top_k + (exclude is not None)
+            blocks = [self._neighbours(x.detach(), k)]
+        else:
+            arange = torch.arange(self.num_points, device=x.device)
+            blocks = [arange[s : s + self.chunk_size] for s in range(0, self.num_points, self.chunk_size)]
+        run_max = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
+        total = torch.zeros(b, dtype=x.dtype, device=x.device)
+        score = torch.zeros_like(x)
+        div = torch.zeros(b, dtype=x.dtype, device=x.device) if need_div else None
+        for idx in blocks:
+            logits, g, q = self._terms(x, self._components(idx, sigma), need_div)
+            if exclude is not None:
+                full_idx = idx if idx.ndim == 2 else idx.expand(b, -1)
+                logits = logits.masked_fill(full_idx == exclude[:, None], -math.inf)
+            new_max = torch.maximum(run_max, logits.max(1).values)
+            safe = _safe(new_max)
+            rescale = (run_max - safe).exp()
+            w = (logits - safe[:, None]).exp()
+            total = total * rescale + w.sum(1)
+            score = score * rescale[:, None] + (w[..., None] * g).sum(1)
+            if need_div:
+                div = div * rescale + (w * q).sum(1)
+            run_max = new_max
+        score = score / total[:, None]
+        if need_div:
+            div = div / total
+        return total.log() + run_max, score, div
+
+    def _by_sigma(self, x: Tensor, sigma: Tensor | float, fn) -> list[tuple[Tensor, tuple]]:
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        sig = as_sigma_batch(sigma, flat).to(torch.float64)
+        out = []
+        for value in torch.unique(sig):
+            rows = (sig == value).nonzero().squeeze(1)
+            out.append((rows, fn(flat[rows], float(value))))
+        return out
+
+    # ------------------------------------------------------------------ public API
+    def log_density(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """``log rho_sigma(x)`` (B,) of the noised mixture (normalised)."""
+        res = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+        for rows, (lse, _, _) in self._by_sigma(x, sigma, self._accumulate):
+            res = res.index_put((rows,), lse - math.log(self.num_points))
+        return res
+
+    def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        """``grad_x log rho_sigma(x)``, defined at ``sigma = 0`` too (every ``C_i`` is positive definite)."""
+        flat = x.reshape(x.shape[0], -1)
+        res = torch.empty(flat.shape, dtype=torch.float64, device=x.device)
+        for rows, (_, s, _) in self._by_sigma(x, sigma, self._accumulate):
+            res = res.index_put((rows,), s)
+        return res.reshape(x.shape).to(x.dtype)
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        s = append_dims(as_sigma_batch(sigma, x), x.ndim)
+        return x + s**2 * self.score(x, sigma)
+
+    def score_and_divergence(
+        self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The score (B, d) and its exact divergence (B,) at one ``sigma`` (flattened ``x``).
+
+        With ``g_i = -S_i^{-1}(x - y_i)`` and ``s = sum_i w_i g_i``, ``grad w_i = w_i (g_i - s)``, so
+        ``div s = sum_i w_i (|g_i|^2 - tr S_i^{-1}) - |s|^2``.
+        """
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        _, s, q = self._accumulate(flat, float(sigma), exclude, need_div=True)
+        return s, q - (s**2).sum(1)
+
+    def hyvarinen(self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None) -> Tensor:
+        """Per-point implicit score-matching loss ``1/2 |s|^2 + div s`` (B,)."""
+        s, div = self.score_and_divergence(x, sigma, exclude)
+        return 0.5 * (s**2).sum(1) + div
+
+
+def loo_objective(
+    kernel: KernelScore, idx: Tensor | None = None, sigma: float = 0.0, loo: bool = True
+) -> Tensor:
+    """Mean Hyvarinen loss over training points ``idx`` (all when None), each left out of its own mixture."""
+    if idx is None:
+        idx = torch.arange(kernel.num_points, device=kernel.points.device)
+    x = kernel.points[idx]
+    return kernel.hyvarinen(x, sigma, exclude=idx if loo else None).mean()
+
+
+def fit_precisions(
+    kernel: KernelScore,
+    steps: int = 200,
+    lr: float = 0.05,
+    loo: bool = True,
+    batch_size: int | None = None,
+    sigma: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> list[float]:
+    """Fit the local precisions by implicit (Hyvarinen) score matching of the data-time mixture.
+
+    Adam on ``log p_i`` (and ``U_i``) minimising :func:`loo_objective` over mini-batches of
+    ``batch_size`` training points (all of them when None). ``loo=False`` scores each point under a
+    mixture that contains its own kernel: the objective is then unbounded below as ``p_i -> inf``
+    (the memorizing optimum) and is only there to demonstrate that. ``sigma > 0`` fits the mixture
+    smoothed by that much noise instead (ours, not the paper's). Returns the loss per step.
+    """
+    opt = torch.optim.Adam(
+        [p for p in kernel.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+    gen = torch.Generator().manual_seed(int(seed))
+    n = kernel.num_points
+    history = []
+    for _ in range(int(steps)):
+        idx = None
+        if batch_size is not None and batch_size < n:
+            idx = torch.randperm(n, generator=gen)[:batch_size].to(kernel.points.device)
+        loss = loo_objective(kernel, idx, sigma, loo)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    return history
