@@ -40,11 +40,16 @@ class EMAUpdate:
 
     @torch.no_grad()
     def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = float(num_averaged)
-        d = min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
         floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
         if floats:
-            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - d)
+            avg, cur = [a for a, _ in floats], [c for _, c in floats]
+            if self.warmup:
+                # Computed on the device from the update count: no host sync in the training step.
+                n = num_averaged.to(avg[0].dtype)
+                weight = 1 - torch.clamp((1 + n) / (10 + n), max=self.decay)
+            else:
+                weight = 1 - self.decay
+            torch._foreach_lerp_(avg, cur, weight)
         for a, c in zip(averaged, current, strict=True):
             if not a.is_floating_point():
                 a.copy_(c)
