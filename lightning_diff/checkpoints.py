@@ -51,12 +51,19 @@ def find_last(run_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def build_family_net(cfg: DictConfig, data_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The network for ``cfg.model``: the family's own ``model.net`` when it has one (kernel WPO's
+    precision field), else the ``net`` group (``net=auto|mlp|unet``), built for ``data_shape``."""
+    own = cfg.model.get("net")
+    return instantiate(own if own is not None else cfg.net, data_shape=data_shape)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiffusionModule, DictConfig]:
     """Rebuild the model of a checkpoint from the config stored in it, with raw and EMA weights loaded."""
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     cfg = OmegaConf.create(meta["config"])
-    net = instantiate(cfg.net, data_shape=tuple(meta["data_shape"]))
+    net = build_family_net(cfg, tuple(meta["data_shape"]))
     model: DiffusionModule = instantiate(cfg.model, net=net)
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -14,7 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_diff.checkpoints import find_last, read_checkpoint
+from lightning_diff.checkpoints import build_family_net, find_last, read_checkpoint
 from lightning_diff.cli import CONF_DIR, one_line_errors
 from lightning_diff.errors import ConfigError
 
@@ -57,7 +57,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     data_shape = tuple(datamodule.data_shape)
-    net = instantiate(cfg.net, data_shape=data_shape)
+    net = build_family_net(cfg, data_shape)
     model = instantiate(cfg.model, net=net)
     if cfg.get("gaussian_reference", True):
         model.set_gaussian_reference(datamodule.train_tensor())

@@ -82,29 +82,38 @@ class KernelScore(Denoiser):
         init_scale: float = 0.1,
         seed: int = 0,
         tied: bool = False,
+        log_prec: Tensor | None = None,
+        factors: Tensor | None = None,
+        dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        flat = torch.as_tensor(train).reshape(train.shape[0], -1).to(torch.float64)
+        flat = torch.as_tensor(train).reshape(train.shape[0], -1).to(dtype)
         n, d = flat.shape
         if n < 2:
             raise ValueError("need at least two training points")
-        h = float(bandwidth) if bandwidth is not None else scott_bandwidth(flat)
         self.register_buffer("points", flat)
         self.precision = precision
-        self.rank = int(rank) if precision == "lowrank" else 0
         self.chunk_size = int(chunk_size)
         self.top_k = None if top_k is None else int(top_k)
+        if log_prec is not None:
+            # Precisions computed elsewhere (a PrecisionField): plain tensors, gradients flow through.
+            self.log_prec = log_prec.to(dtype)
+            self.factors = None if factors is None else factors.to(dtype)
+            self.tied = self.log_prec.shape[0] == 1 and n > 1
+            self.rank = 0 if self.factors is None else self.factors.shape[-1]
+            return
+        h = float(bandwidth) if bandwidth is not None else scott_bandwidth(flat)
+        self.rank = int(rank) if precision == "lowrank" else 0
         self.tied = bool(tied)
-        log_p = torch.full(
-            (1 if tied else n, 1 if precision == "isotropic" else d), -2 * math.log(h), dtype=torch.float64
-        )
+        shape = (1 if tied else n, 1 if precision == "isotropic" else d)
+        log_p = torch.full(shape, -2 * math.log(h), dtype=dtype)
         self.log_prec = nn.Parameter(log_p)
         if self.rank > 0:
             gen = torch.Generator().manual_seed(int(seed))
             u = torch.randn(n, d, self.rank, generator=gen, dtype=torch.float64) * init_scale / h
-            self.factors = nn.Parameter(u)
+            self.factors = nn.Parameter(u.to(dtype))
         else:
             self.register_parameter("factors", None)
 
@@ -147,12 +156,12 @@ class KernelScore(Denoiser):
         inv_p = 1 / p
         e = inv_p + s2  # the diagonal of D^{-1} + sigma^2 I
         a = 1 / e
-        if self.precision == "isotropic":
+        if e.shape[-1] == 1:  # one shared diagonal value (isotropic, or the floor of a full field)
             logdet = d * e.squeeze(-1).log()
             trace = d * a.squeeze(-1)
-            return y, a, None, logdet, trace
-        logdet = e.log().sum(-1)
-        trace = a.sum(-1)
+        else:
+            logdet = e.log().sum(-1)
+            trace = a.sum(-1)
         if self.factors is None:
             return y, a, None, logdet, trace
         u = self.factors[idx]  # (..., d, r)
@@ -170,20 +179,74 @@ class KernelScore(Denoiser):
         logdet_k = 2 * chol_k.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return y, a, v, logdet + logdet_m - logdet_k, trace + (v**2).sum((-1, -2))
 
-    def _terms(self, x: Tensor, comps, need_div: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Component log-densities (B, c), ``g_i`` (B, c, d) and ``|g_i|^2 - tr S_i^{-1}`` (B, c)."""
+    def _terms(self, x: Tensor, comps, need_div: bool, exclude_self: bool):
+        """Per-query components (``comps`` gathered as (B, k, ...)): the explicit form.
+
+        Returns component log-densities (B, k), ``|g_i|^2 - tr S_i^{-1}`` (B, k) or None, and a
+        function of the weights ``w`` (B, k) giving ``sum_i w_i g_i`` (B, d).
+        """
         y, a, v, logdet, trace = comps
-        delta = x[:, None, :] - y  # (B, c, d)
+        delta = x[:, None, :] - y  # (B, k, d)
         g = a * delta
         quad = (delta * g).sum(-1)
         if v is not None:
-            lead = "c" if v.ndim == 3 else "bc"  # shared chunk or per-query neighbours
-            z = torch.einsum(f"{lead}dr,bcd->bcr", v, delta)
+            z = torch.einsum("bkdr,bkd->bkr", v, delta)
             quad = quad + (z**2).sum(-1)
-            g = g + torch.einsum(f"{lead}dr,bcr->bcd", v, z)
+            g = g + torch.einsum("bkdr,bkr->bkd", v, z)
         logits = -0.5 * (quad + logdet + self.dim * math.log(2 * math.pi))
+        if exclude_self:
+            logits = logits.masked_fill((delta == 0).all(-1), -math.inf)
         q = (g**2).sum(-1) - trace if need_div else None
-        return logits, -g, q
+        return logits, q, lambda w: -(w[..., None] * g).sum(1)
+
+    def _terms_shared(self, x: Tensor, comps, need_div: bool, exclude_self: bool):
+        """A chunk of components shared by every query, in matrix-product form.
+
+        With ``delta_i = x - y_i`` and ``S_i^{-1} = diag(a_i) + V_i V_i^T``, every sum over coordinates
+        expands into products of ``x`` with per-component vectors, so memory is ``B x c (x r)`` and
+        nothing of size ``B x c x d`` is formed:
+        ``delta^T diag(a) delta = x^2 . a - 2 x . (a y) + y^2 . a``, ``z = V^T delta = V^T x - V^T y``.
+        """
+        y, a, v, logdet, trace = comps
+        c, d = y.shape
+        a = a.expand(c, d)
+        x2 = x * x
+
+        def diag_form(coef: Tensor) -> Tensor:  # delta_i^T diag(coef_i) delta_i for all (b, i)
+            return x2 @ coef.T - 2 * x @ (coef * y).T + (coef * y * y).sum(1)
+
+        def project(m: Tensor) -> Tensor:  # m_i^T delta_i for all (b, i) as (B, r, c): one matrix product
+            r = m.shape[-1]  # (r before c, so sums over r add whole (B, c) planes)
+            return (x @ m.permute(1, 2, 0).reshape(d, r * c)).reshape(-1, r, c) - (m * y[..., None]).sum(1).T
+
+        quad = diag_form(a)
+        z = None
+        if v is not None:
+            z = project(v)
+            quad = quad + (z**2).sum(1)
+        logits = -0.5 * (quad + logdet + d * math.log(2 * math.pi))
+        if exclude_self:
+            dist2 = x2.sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.T
+            scale = x2.sum(1, keepdim=True) + (y * y).sum(1)
+            tol = 64 * torch.finfo(x.dtype).eps * scale
+            logits = logits.masked_fill(dist2.detach() <= tol.detach(), -math.inf)
+        q = None
+        if need_div:
+            # |g_i|^2 = |a delta|^2 + 2 (V^T diag(a) delta) . z + |V z|^2, and |V z|^2 = |R z|^2 with
+            # V^T V = R^T R, so each term is again a projection of delta.
+            q = diag_form(a * a) - trace
+            if v is not None:
+                chol = torch.linalg.cholesky(v.mT @ v + 1e-30 * torch.eye(v.shape[-1], dtype=v.dtype))
+                q = q + 2 * (project(v * a[..., None]) * z).sum(1) + (project(v @ chol) ** 2).sum(1)
+
+        def weighted_g(w: Tensor) -> Tensor:  # sum_i w_i g_i = -sum_i w_i (diag(a_i) delta_i + V_i z_i)
+            out = x * (w @ a) - w @ (a * y)
+            if v is not None:
+                r = v.shape[-1]
+                out = out + (w[:, None, :] * z).reshape(-1, r * c) @ v.permute(2, 0, 1).reshape(r * c, d)
+            return -out
+
+        return logits, q, weighted_g
 
     def _neighbours(self, x: Tensor, k: int) -> Tensor:
         """Indices (B, k) of each query's k nearest training points, found chunk by chunk."""
@@ -200,15 +263,23 @@ class KernelScore(Denoiser):
         return best_i
 
     def _accumulate(
-        self, x: Tensor, sigma: float, exclude: Tensor | None = None, need_div: bool = False
+        self,
+        x: Tensor,
+        sigma: float,
+        exclude: Tensor | None = None,
+        need_div: bool = False,
+        exclude_self: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """``log sum_i exp(logit_i)`` (B,), the score (B, d) and, optionally, ``sum_i w_i q_i`` (B,).
 
-        All ``x`` share one ``sigma``. ``exclude`` (B,) drops one component per query (leave-one-out).
+        All ``x`` share one ``sigma``. ``exclude`` (B,) drops one component per query (leave-one-out);
+        ``exclude_self`` drops every component centred exactly at its query (a training point never
+        scores itself, whichever batch it arrives in).
         """
         b = x.shape[0]
-        if self.top_k is not None and self.top_k < self.num_points - (exclude is not None):
-            k = self.top_k + (exclude is not None)
+        extra = exclude is not None or exclude_self
+        if self.top_k is not None and self.top_k < self.num_points - extra:
+            k = self.top_k + extra
             blocks = [self._neighbours(x.detach(), k)]
         else:
             arange = torch.arange(self.num_points, device=x.device)
@@ -218,7 +289,9 @@ class KernelScore(Denoiser):
         score = torch.zeros_like(x)
         div = torch.zeros(b, dtype=x.dtype, device=x.device) if need_div else None
         for idx in blocks:
-            logits, g, q = self._terms(x, self._components(idx, sigma), need_div)
+            comps = self._components(idx, sigma)
+            terms = self._terms_shared if idx.ndim == 1 else self._terms
+            logits, q, weighted_g = terms(x, comps, need_div, exclude_self)
             if exclude is not None:
                 full_idx = idx if idx.ndim == 2 else idx.expand(b, -1)
                 logits = logits.masked_fill(full_idx == exclude[:, None], -math.inf)
@@ -227,7 +300,7 @@ class KernelScore(Denoiser):
             rescale = (run_max - safe).exp()
             w = (logits - safe[:, None]).exp()
             total = total * rescale + w.sum(1)
-            score = score * rescale[:, None] + (w[..., None] * g).sum(1)
+            score = score * rescale[:, None] + weighted_g(w)
             if need_div:
                 div = div * rescale + (w * q).sum(1)
             run_max = new_max
@@ -237,8 +310,8 @@ class KernelScore(Denoiser):
         return total.log() + run_max, score, div
 
     def _by_sigma(self, x: Tensor, sigma: Tensor | float, fn) -> list[tuple[Tensor, tuple]]:
-        flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        sig = as_sigma_batch(sigma, flat).to(torch.float64)
+        flat = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        sig = as_sigma_batch(sigma, flat)
         out = []
         for value in torch.unique(sig):
             rows = (sig == value).nonzero().squeeze(1)
@@ -248,7 +321,7 @@ class KernelScore(Denoiser):
     # ------------------------------------------------------------------ public API
     def log_density(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """``log rho_sigma(x)`` (B,) of the noised mixture (normalised)."""
-        res = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+        res = torch.empty(x.shape[0], dtype=self.points.dtype, device=x.device)
         for rows, (lse, _, _) in self._by_sigma(x, sigma, self._accumulate):
             res = res.index_put((rows,), lse - math.log(self.num_points))
         return res
@@ -256,7 +329,7 @@ class KernelScore(Denoiser):
     def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """``grad_x log rho_sigma(x)``, defined at ``sigma = 0`` too (every ``C_i`` is positive definite)."""
         flat = x.reshape(x.shape[0], -1)
-        res = torch.empty(flat.shape, dtype=torch.float64, device=x.device)
+        res = torch.empty(flat.shape, dtype=self.points.dtype, device=x.device)
         for rows, (_, s, _) in self._by_sigma(x, sigma, self._accumulate):
             res = res.index_put((rows,), s)
         return res.reshape(x.shape).to(x.dtype)
@@ -266,20 +339,22 @@ class KernelScore(Denoiser):
         return x + s**2 * self.score(x, sigma)
 
     def score_and_divergence(
-        self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None
+        self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None, exclude_self: bool = False
     ) -> tuple[Tensor, Tensor]:
         """The score (B, d) and its exact divergence (B,) at one ``sigma`` (flattened ``x``).
 
         With ``g_i = -S_i^{-1}(x - y_i)`` and ``s = sum_i w_i g_i``, ``grad w_i = w_i (g_i - s)``, so
         ``div s = sum_i w_i (|g_i|^2 - tr S_i^{-1}) - |s|^2``.
         """
-        flat = x.reshape(x.shape[0], -1).to(torch.float64)
-        _, s, q = self._accumulate(flat, float(sigma), exclude, need_div=True)
+        flat = x.reshape(x.shape[0], -1).to(self.points.dtype)
+        _, s, q = self._accumulate(flat, float(sigma), exclude, need_div=True, exclude_self=exclude_self)
         return s, q - (s**2).sum(1)
 
-    def hyvarinen(self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None) -> Tensor:
+    def hyvarinen(
+        self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None, exclude_self: bool = False
+    ) -> Tensor:
         """Per-point implicit score-matching loss ``1/2 |s|^2 + div s`` (B,)."""
-        s, div = self.score_and_divergence(x, sigma, exclude)
+        s, div = self.score_and_divergence(x, sigma, exclude, exclude_self)
         return 0.5 * (s**2).sum(1) + div
 
 

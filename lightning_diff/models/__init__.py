@@ -2,6 +2,7 @@
 
 from lightning_diff.models.base import DiffusionModule
 from lightning_diff.models.ddpm import DDPM
+from lightning_diff.models.kernel_wpo import KernelWPO
 from lightning_diff.models.score_sde import ScoreSDE
 
-__all__ = ["DDPM", "DiffusionModule", "ScoreSDE"]
+__all__ = ["DDPM", "DiffusionModule", "KernelWPO", "ScoreSDE"]
