@@ -19,7 +19,7 @@ SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 def test_ddp_config_inherits_the_default_trainer():
     default = compose_train(["trainer=default"], tiny=False).trainer
     ddp = compose_train(["trainer=ddp"], tiny=False).trainer
-    assert (ddp.accelerator, ddp.devices, ddp.strategy, ddp.num_nodes) == ("gpu", -1, "ddp", 1)
+    assert (ddp.accelerator, ddp.devices, ddp.strategy, ddp.num_nodes) == ("gpu", "auto", "ddp", 1)
     assert ddp.sync_batchnorm is False
     for key in ("_target_", "max_steps", "gradient_clip_val", "val_check_interval", "default_root_dir"):
         assert ddp[key] == default[key], key
