@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY, compose_named
+from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from lightning_diff.cli import CONF_DIR
 
@@ -85,6 +87,16 @@ def test_sweep_composes(path):
         )
 
 
+def test_multirun_default_directories():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert OmegaConf.to_container(cfg.hydra.sweep, resolve=False) == {
+        "dir": "${paths.runs}/${name}/${now:%Y-%m-%d_%H-%M-%S}",
+        "subdir": "${hydra.job.num}",
+    }
+    assert cfg._get_node("run_dir")._value() == "${paths.runs}/${name}/${now:%Y-%m-%d_%H-%M-%S}"
+
+
 def test_missing_group_option_is_detected():
     assert missing_group_option(["model=ddpm", "data.num_train=32"]) is None
     absent = missing_group_option(["model=no_such_family"])
@@ -93,8 +105,10 @@ def test_missing_group_option_is_detected():
 
 def test_hydra_multirun_gives_each_job_its_own_run_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    overrides = [o for o in TINY if not o.startswith("callbacks.evaluation")] + [
+    overrides = [o for o in TINY if not o.startswith(("callbacks.evaluation", "logger"))] + [
         "data=moons",
+        "logger=wandb",
+        "logger.wandb.mode=offline",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "callbacks.checkpoint.every_n_train_steps=2",
@@ -112,9 +126,15 @@ def test_hydra_multirun_gives_each_job_its_own_run_directory(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    wandb_ids = set()
     for job, seed in ((0, 1), (1, 2)):
         run_dir = sweep_dir / str(job)
         assert (run_dir / "checkpoints" / "last.ckpt").is_file()
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert saved["run_dir"] == str(run_dir) and saved["seed"] == seed
+        # each job has its own wandb run, written under its own run directory
+        run_id = (run_dir / "wandb_id.txt").read_text().strip()
+        assert list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+        wandb_ids.add(run_id)
+    assert len(wandb_ids) == 2
     assert not (tmp_path / "runs").exists()  # nothing went to the single-run default
