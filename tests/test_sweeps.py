@@ -103,6 +103,7 @@ def test_missing_group_option_is_detected():
     assert absent == "model=no_such_family (conf/model/no_such_family.yaml)"
 
 
+@pytest.mark.slow
 def test_hydra_multirun_gives_each_job_its_own_run_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in TINY if not o.startswith(("callbacks.evaluation", "logger"))] + [
