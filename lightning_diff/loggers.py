@@ -10,6 +10,7 @@ import string
 from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
+from omegaconf import open_dict
 
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_HOST = "api.wandb.ai"
@@ -86,3 +87,62 @@ def make_wandb_logger(
         group=group,
         log_model=False,
     )
+
+
+def _short(target: str | None) -> str:
+    return str(target or "").rsplit(".", 1)[-1]
+
+
+def family_name(model_cfg) -> str:
+    """The model family: the model class (``DDPM``, ``ScoreSDE``), or the analytic model's ``kind``."""
+    name = _short(model_cfg.get("_target_"))
+    kind = model_cfg.get("kind")
+    return str(kind) if name == "AnalyticModel" and kind else name or "model"
+
+
+def data_name(data_cfg) -> str:
+    """A short data set name: the torchvision ``dataset``, the synthetic distribution's class, or the
+    DataModule's class without ``DataModule`` (``digits``, ``twomoons``, ``cifar10``, ``array``)."""
+    if data_cfg.get("dataset"):
+        return str(data_cfg.dataset).lower()
+    distribution = data_cfg.get("distribution")
+    if distribution is not None and distribution.get("_target_"):
+        return _short(distribution._target_).lower()
+    return _short(data_cfg.get("_target_")).removesuffix("DataModule").lower() or "data"
+
+
+def sampler_name(sampler_cfg) -> str:
+    """``ddim``, ``heun``, ``teleport_ddim``, ...: the sampling function without ``sample_``."""
+    if sampler_cfg is None:
+        return "none"
+    if _short(sampler_cfg.get("_target_")) == "Teleport":
+        return "teleport_" + sampler_name(sampler_cfg.get("sampler"))
+    fn = sampler_cfg.get("fn") or {}
+    return _short(fn.get("_target_")).removeprefix("sample_") or _short(sampler_cfg.get("_target_")).lower()
+
+
+def run_labels(cfg) -> dict:
+    """Default wandb ``group`` (``<data>-<family>``) and ``tags`` (family, data, training-set size,
+    sampler) of a training config, so dashboards can group runs by any of them."""
+    family, data = family_name(cfg.model), data_name(cfg.data)
+    num_train = cfg.data.get("num_train")
+    tags = [
+        family,
+        data,
+        f"num_train={num_train if num_train is not None else 'full'}",
+        f"sampler={sampler_name(cfg.get('sampler'))}",
+    ]
+    return {"group": f"{data}-{family}", "tags": tags}
+
+
+def fill_wandb_labels(cfg) -> None:
+    """Set ``logger.wandb.group`` and ``logger.wandb.tags`` from :func:`run_labels` where they are null;
+    values given by the user (``logger.wandb.group=...``, ``logger.wandb.tags=[...]``) are kept."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is None:
+        return
+    labels = run_labels(cfg)
+    with open_dict(cfg):
+        for key in ("group", "tags"):
+            if wandb_cfg.get(key) is None:
+                wandb_cfg[key] = labels[key]

@@ -11,12 +11,15 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_diff.checkpoints import build_family_net, find_last, read_checkpoint
 from lightning_diff.cli import CONF_DIR, one_line_errors
 from lightning_diff.errors import ConfigError
+from lightning_diff.loggers import fill_wandb_labels
 
 log = logging.getLogger("lightning_diff.train")
 
@@ -64,6 +67,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if hasattr(model, "fit_data"):  # analytic families: nothing to train, fitted here
         model.fit_data(datamodule.train_tensor())
 
+    fill_wandb_labels(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
@@ -78,13 +82,37 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("training %s on %s, run directory %s", type(model).__name__, type(datamodule).__name__, run_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    finish_wandb(loggers)
     objects = {"model": model, "datamodule": datamodule, "trainer": trainer, "run_dir": run_dir}
     return metrics, objects
+
+
+def finish_wandb(loggers: list[Any]) -> None:
+    """Close the wandb run, so that the next run of the same process (a Hydra multirun job) starts its own."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def multirun_run_dir(cfg: DictConfig) -> None:
+    """Under ``-m`` (multirun) each job writes to its own Hydra job directory,
+    ``hydra.sweep.dir/hydra.sweep.subdir`` (``runs/<name>/<date_time>/<job number>``), instead of the
+    single-run default, which is the same for every job of a sweep. An explicit ``run_dir=`` is kept."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    if any(item.split("=", 1)[0].lstrip("+~") == "run_dir" for item in hydra_cfg.overrides.task):
+        return
+    with open_dict(cfg):
+        cfg.run_dir = hydra_cfg.runtime.output_dir
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    multirun_run_dir(cfg)
     train(cfg)
 
 

@@ -1,0 +1,112 @@
+"""ld-compare: differing config keys, final metrics and curves of real run directories, offline."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lightning_diff.compare import flatten, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from conftest import compose_train
+
+    from lightning_diff.train import train
+
+    base = tmp_path_factory.mktemp("runs")
+    runs = []
+    for seed in (1, 2):
+        run_dir = base / f"seed{seed}"
+        train(compose_train(["data=moons", f"seed={seed}", "model.optimizer.lr=0.001"], run_dir))
+        runs.append(run_dir)
+    return runs
+
+
+def test_compare_lists_differing_keys_metrics_and_plots_curves(two_runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    main([str(p) for p in two_runs] + ["--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "compare.md" in printed
+
+    table = (out / "compare.md").read_text()
+    config_part, metrics_part = table.split("## Final metrics")
+    assert "| key | seed1 | seed2 |" in config_part
+    assert "| seed | 1 | 2 |" in config_part
+    assert "| data.seed | 1 | 2 |" in config_part
+    assert "model.optimizer.lr" not in config_part  # the same in both runs
+    assert "callbacks.checkpoint.dirpath" not in config_part  # inside each run's own directory
+    for name in ("train/loss", "val/loss", "eval/sliced_wasserstein", "step"):
+        assert f"| {name} |" in metrics_part
+
+    with open(out / "compare.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["section", "key", "seed1", "seed2"]
+    by_key = {(r[0], r[1]): r[2:] for r in rows[1:]}
+    assert by_key[("config", "seed")] == ["1", "2"]
+    assert [float(v) for v in by_key[("metric", "step")]] == [6.0, 6.0]
+    loss = [float(v) for v in by_key[("metric", "train/loss")]]
+    assert all(0 < v < 10 for v in loss) and loss[0] != loss[1]
+
+    for name in ("train_loss.png", "val_loss.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+
+def test_compare_plots_only_the_chosen_metrics(two_runs, tmp_path):
+    out = tmp_path / "cmp"
+    main([str(p) for p in two_runs] + ["--metrics", "val/loss", "--out", str(out)])
+    assert sorted(p.name for p in out.glob("*.png")) == ["val_loss.png"]
+
+
+def test_unknown_metric_is_one_line_error(two_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(two_runs[0]), "--metrics", "train/nope", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: metric train/nope is in no run's csv/metrics.csv") and "\n" not in err
+
+
+def test_missing_run_directory_is_one_line_error_from_the_module(two_runs, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_diff.compare", str(two_runs[0]), str(tmp_path / "absent")]
+        + ["--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    absent = tmp_path / "absent"
+    assert lines == [f"error: run directory {absent} does not exist: pass directories written by ld-train"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_without_config_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path / 'empty'} has no config.yaml: pass run directories written by ld-train"
+
+
+def test_console_script_and_flatten():
+    scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    assert 'ld-compare = "lightning_diff.compare:main"' in scripts.splitlines()
+    assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2], "f": {}}) == {
+        "a.b": 1,
+        "a.c.d": None,
+        "e": [1, 2],
+        "f": {},
+    }
