@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_diff.errors import CheckpointError
@@ -72,3 +76,36 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Di
     model.run_meta = dict(meta)
     model.global_step_loaded = int(ckpt.get("global_step", 0))
     return model.to(device).eval(), cfg
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint writer, made atomic: a checkpoint is written to a temporary file
+    in the same folder, flushed to disk, then renamed over the target. A process killed while
+    writing leaves the previous file (for example ``last.ckpt``) intact and no partial file behind
+    (a hard kill can leave a ``.tmp-*`` file, never a corrupt checkpoint)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes the file private; checkpoints are ordinary files
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import secrets
@@ -9,7 +10,7 @@ import socket
 import string
 from pathlib import Path
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import open_dict
 
 WANDB_ID_FILE = "wandb_id.txt"
@@ -146,3 +147,25 @@ def fill_wandb_labels(cfg) -> None:
         for key in ("group", "tags"):
             if wandb_cfg.get(key) is None:
                 wandb_cfg[key] = labels[key]
+
+
+def trim_csv_log(logger: CSVLogger, step: int) -> int:
+    """Before a run resumed from a checkpoint at global step ``step`` logs anything: keep the CSV rows
+    logged before ``step`` and drop the others, which the resumed run logs again (or which belonged
+    to steps trained after the checkpoint and lost with the process). Call on rank 0 before the
+    logger's first use: Lightning's CSV writer deletes an existing metrics file when it starts, so
+    the kept rows are written back afterwards. Returns the number of rows kept."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return 0
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        kept = [row for row in reader if row.get("step") not in (None, "") and float(row["step"]) < step]
+    writer = logger.experiment  # creating the writer removes the old file
+    with path.open("w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=header)
+        out.writeheader()
+        out.writerows(kept)
+    writer.metrics_keys = list(header)
+    return len(kept)

@@ -5,7 +5,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +20,80 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_diff.checkpoints import build_family_net, find_last, read_checkpoint
+from lightning_diff.callbacks.preemption import PreemptionCheckpoint
+from lightning_diff.checkpoints import AtomicCheckpointIO, build_family_net, find_last, read_checkpoint
 from lightning_diff.cli import CONF_DIR, one_line_errors
 from lightning_diff.errors import ConfigError
-from lightning_diff.loggers import fill_wandb_labels
+from lightning_diff.loggers import fill_wandb_labels, trim_csv_log
 
 log = logging.getLogger("lightning_diff.train")
+
+# The training DataModules resume mid-epoch through their own state (see data/sampler.py), which
+# Lightning cannot see; its warning that the loader is not resumable does not apply.
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
+
+
+#: Set while ``fit`` runs to the run directory, so that the processes Lightning relaunches for
+#: ``strategy=ddp`` (they compose the config again) use the same directory: ``conf/train.yaml``
+#: reads it in ``run_dir``'s default.
+RUN_DIR_ENV = "LD_RUN_DIR"
+
+
+def _resume_point(resume: str | None, run_dir: Path) -> tuple[str | None, int]:
+    if resume in (None, "", "none"):
+        return None, 0
+    if resume == "auto":
+        path = find_last(run_dir)
+        if path is None:
+            log.info("resume=auto: no checkpoint in %s, starting a fresh run", run_dir)
+            return None, 0
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"resume={resume} does not exist: pass resume=auto or a path to a .ckpt file")
+    ckpt = read_checkpoint(path)
+    return str(path), int(ckpt.get("global_step", 0))
+
+
+@contextlib.contextmanager
+def kept_signal_handlers(names: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+    """Put back the handlers of ``names`` after the block (Lightning's teardown after an exception
+    can leave the training-time ones installed)."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (getattr(signal, n) for n in names if hasattr(signal, n))}
+    try:
+        yield
+    finally:
+        if main:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """The checkpoint to resume from: ``None`` (fresh), ``auto`` (the run directory's last.ckpt if
     any) or an explicit path. The file is read once here so a corrupt one fails with a clear line
     before any training starts."""
-    if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        path = find_last(run_dir)
-        if path is None:
-            log.info("resume=auto: no checkpoint in %s, starting a fresh run", run_dir)
-            return None
-    else:
-        path = Path(resume)
-        if not path.is_file():
-            raise ConfigError(f"resume={resume} does not exist: pass resume=auto or a path to a .ckpt file")
-    read_checkpoint(path)
-    return str(path)
+    return _resume_point(resume, run_dir)[0]
+
+
+@contextlib.contextmanager
+def exported_run_dir(run_dir: Path):
+    """Set :data:`RUN_DIR_ENV` to ``run_dir`` for the duration of the block, then restore it."""
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
 
 
 def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
@@ -53,7 +106,7 @@ def instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Build data, net, model, loggers, callbacks and trainer from ``cfg``; fit; return (metrics, objects)."""
     run_dir = Path(cfg.run_dir)
-    ckpt_path = resolve_resume(cfg.get("resume"), run_dir)
+    ckpt_path, resume_step = _resume_point(cfg.get("resume"), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -70,20 +123,44 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     fill_wandb_labels(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
+    model.noise_seed = int(cfg.seed)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     model.run_meta = {"config": resolved, "data_shape": list(data_shape), "run_dir": str(run_dir)}
     if trainer.is_global_zero:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+        if ckpt_path is not None:
+            for logger in loggers:
+                if isinstance(logger, CSVLogger):
+                    trim_csv_log(logger, resume_step)
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
     log.info("training %s on %s, run directory %s", type(model).__name__, type(datamodule).__name__, run_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    preemption = next((c for c in callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    with exported_run_dir(run_dir), kept_signal_handlers():
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            # Lightning ends fit this way after SIGTERM; the callback has saved the step by then.
+            if preemption is None or preemption.stopped_by is None:
+                raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     finish_wandb(loggers)
     objects = {"model": model, "datamodule": datamodule, "trainer": trainer, "run_dir": run_dir}
+    objects["stopped_by"] = preemption.stopped_by if preemption is not None else None
+    if objects["stopped_by"] and trainer.is_global_zero:
+        log.warning(
+            "stopped by %s at step %d; checkpoint %s; "
+            "continue with the same command plus run_dir=%s resume=auto",
+            preemption.stopped_by,
+            trainer.global_step,
+            preemption.path,
+            run_dir,
+        )
     return metrics, objects
 
 
@@ -113,7 +190,10 @@ def multirun_run_dir(cfg: DictConfig) -> None:
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     multirun_run_dir(cfg)
-    train(cfg)
+    _, objects = train(cfg)
+    if objects["stopped_by"]:
+        # The conventional status of a process ended by a signal: 128 + the signal's number.
+        sys.exit(128 + int(getattr(signal, objects["stopped_by"])))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,14 @@
 
 from lightning_diff.callbacks.evaluation import SampleEvaluation
 from lightning_diff.callbacks.likelihood import ODELikelihood
+from lightning_diff.callbacks.preemption import PreemptionCheckpoint
 from lightning_diff.callbacks.sample_grid import SampleGrid
 from lightning_diff.callbacks.score_deviation import GaussianScoreDeviation
 
-__all__ = ["GaussianScoreDeviation", "ODELikelihood", "SampleEvaluation", "SampleGrid"]
+__all__ = [
+    "GaussianScoreDeviation",
+    "ODELikelihood",
+    "PreemptionCheckpoint",
+    "SampleEvaluation",
+    "SampleGrid",
+]

@@ -93,17 +93,26 @@ class TensorSamples(Dataset):
 
 
 class IndexedView(Dataset):
-    """The items ``indices`` of a sample dataset, optionally randomly flipped (training images)."""
+    """The items ``indices`` of a sample dataset, optionally randomly flipped (training images).
 
-    def __init__(self, pool: Dataset, indices: Tensor, flip: bool = False):
+    With ``coded_flips`` the flip is decided by the caller instead of a coin: index ``i + len(self)``
+    is item ``i`` mirrored (see :class:`~lightning_diff.data.sampler.ResumableSampler`).
+    """
+
+    def __init__(self, pool: Dataset, indices: Tensor, flip: bool = False, coded_flips: bool = False):
         self.pool = pool
         self.indices = indices
         self.flip = flip
+        self.coded_flips = coded_flips
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
     def __getitem__(self, index: int) -> Tensor:
+        if self.coded_flips:
+            n = len(self)
+            x = self.pool[int(self.indices[index % n])]
+            return torch.flip(x, dims=(-1,)) if index >= n else x
         x = self.pool[int(self.indices[index])]
         return random_hflip(x) if self.flip else x
 
@@ -175,6 +184,11 @@ class DiffusionDataModule(L.LightningDataModule):
         # Per-device batch sizes; setup() recomputes them from the trainer's world size.
         self.device_batch_size = self.batch_size
         self.device_eval_batch_size = self.eval_batch_size
+        # Resumable training order: the sampler of the current loader, the batches of its epoch
+        # handed to training so far, and a position restored from a checkpoint (load_state_dict).
+        self._train_sampler = None
+        self._seen_epoch, self._seen_batches = -1, 0
+        self._resume_position: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------------------------------
     # What subclasses provide
@@ -344,19 +358,64 @@ class DiffusionDataModule(L.LightningDataModule):
 
         The last incomplete batch is dropped so every step sees the configured batch size, unless
         the training set is smaller than one global batch (tiny ``num_train``), where dropping it
-        would leave nothing. The shuffle order comes from a generator seeded by ``seed``. Under
-        DDP Lightning swaps in a DistributedSampler, which does its own (seeded) shuffling.
+        would leave nothing. The order (and the flips) come from a
+        :class:`~lightning_diff.data.sampler.ResumableSampler`: a function of ``(seed, epoch)`` only,
+        one global permutation sharded over the ranks, so one and several processes see the same
+        global batches, and a resumed run skips the batches of the epoch it had already trained on.
         """
-        dataset = self.train_dataset()
-        drop_last = len(dataset) >= self.batch_size
+        from lightning_diff.data.sampler import ResumableSampler
+
+        self._build()
+        dataset = IndexedView(self._pool, self._train_idx, flip=self.flip, coded_flips=True)
+        trainer = getattr(self, "trainer", None)
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+        sampler = ResumableSampler(
+            len(dataset),
+            self.device_batch_size,
+            num_replicas=world,
+            rank=rank,
+            seed=self.seed,
+            drop_last=len(dataset) >= self.batch_size,
+            flip_coins=self.flip,
+        )
+        if self._resume_position is not None:
+            epoch, done = self._resume_position
+            if done >= sampler.num_batches():  # saved at the end of an epoch: start the next one
+                epoch, done = epoch + 1, 0
+            sampler.skip_batches(epoch, done)
+            self._resume_position = None
+        self._train_sampler = sampler
         return DataLoader(
             dataset,
             batch_size=self.device_batch_size,
-            shuffle=True,
-            drop_last=drop_last,
-            generator=seeded_generator(self.seed, "shuffle"),
+            sampler=sampler,
+            drop_last=False,  # the sampler hands out whole batches already
+            generator=seeded_generator(self.seed, "loader"),  # never draw from the global generator
             **self._loader_kwargs(),
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Count the training batches of the current epoch as they are consumed (not as the loader
+        # prefetches them), so a checkpoint written at the end of a step knows where to resume.
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            epoch = self._train_sampler.epoch
+            if epoch != self._seen_epoch:
+                self._seen_epoch, self._seen_batches = epoch, 0
+            self._seen_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training order: epoch and batches of it consumed (saved in checkpoints)."""
+        if self._seen_epoch < 0:
+            return {}
+        return {"epoch": self._seen_epoch, "batches": self._seen_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "epoch" in state_dict:
+            self._seen_epoch, self._seen_batches = int(state_dict["epoch"]), int(state_dict["batches"])
+            self._resume_position = (self._seen_epoch, self._seen_batches)
 
     def val_dataloader(self) -> DataLoader | list:
         """Held-out samples in a fixed order; an empty list (no validation) when nothing is held out."""
@@ -368,6 +427,7 @@ class DiffusionDataModule(L.LightningDataModule):
             batch_size=self.device_eval_batch_size,
             shuffle=False,
             drop_last=False,
+            generator=seeded_generator(self.seed, "loader"),
             **self._loader_kwargs(),
         )
 

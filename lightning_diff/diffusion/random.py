@@ -42,15 +42,63 @@ class SampleGenerators:
         return torch.stack(rows).to(device=device or self.device, dtype=dtype or torch.float32)
 
 
+class ShardedGenerator:
+    """A generator shared by ``world_size`` processes that each hold one slice of a global batch.
+
+    Every draw of a batch of ``n`` rows is made for the whole global batch of ``n * world_size``
+    rows and this process keeps rows ``[rank * n, (rank + 1) * n)``. Given the same seed, the
+    training noise of each sample of a global batch is then the same on one process and on
+    several (the training sampler shards its batches in the same contiguous way).
+    """
+
+    def __init__(self, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+        self.generator, self.rank, self.world_size = generator, int(rank), int(world_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def draw(self, fn, shape: Sequence[int], **kwargs) -> Tensor:
+        n = int(shape[0])
+        out = fn((n * self.world_size, *shape[1:]), generator=self.generator, device=self.device, **kwargs)
+        return out[self.rank * n : (self.rank + 1) * n] if self.world_size > 1 else out
+
+
 def randn(
     shape: Sequence[int],
-    generator: torch.Generator | SampleGenerators | None,
+    generator: torch.Generator | SampleGenerators | ShardedGenerator | None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Standard normal noise of ``shape`` from ``generator`` (a Generator, per-sample generators, or None)."""
     if isinstance(generator, SampleGenerators):
         return generator.randn(shape, device=device, dtype=dtype)
+    if isinstance(generator, ShardedGenerator):
+        return generator.draw(torch.randn, shape, dtype=dtype or torch.float32).to(device)
     gen_device = generator.device if generator is not None else device
     out = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype or torch.float32)
     return out.to(device) if device is not None else out
+
+
+def rand(
+    shape: Sequence[int],
+    generator: torch.Generator | ShardedGenerator | None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Uniform [0, 1) numbers of ``shape`` on ``device`` from ``generator``."""
+    if isinstance(generator, ShardedGenerator):
+        return generator.draw(torch.rand, shape, dtype=dtype).to(device)
+    return torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def randint(
+    high: int,
+    shape: Sequence[int],
+    generator: torch.Generator | ShardedGenerator | None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Integers uniform in ``[0, high)`` of ``shape`` on ``device`` from ``generator``."""
+    if isinstance(generator, ShardedGenerator):
+        return generator.draw(lambda s, **kw: torch.randint(0, high, s, **kw), shape).to(device)
+    return torch.randint(0, high, tuple(shape), generator=generator, device=device)

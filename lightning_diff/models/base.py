@@ -18,10 +18,11 @@ from torch.optim.swa_utils import AveragedModel
 
 from lightning_diff.diffusion.analytic import data_moments
 from lightning_diff.diffusion.denoisers import ClampedDenoiser, Denoiser, GaussianDenoiser
-from lightning_diff.diffusion.random import SampleGenerators
+from lightning_diff.diffusion.random import SampleGenerators, ShardedGenerator
 from lightning_diff.diffusion.samplers import Sampler, sample_ddim
 from lightning_diff.diffusion.teleport import Teleport
 from lightning_diff.errors import ConfigError
+from lightning_diff.resume import RNG_KEY, gather_rng_states, set_rng_states, step_seed
 
 CHECKPOINT_KEY = "lightning_diff"
 
@@ -102,6 +103,11 @@ class DiffusionModule(L.LightningModule):
         self.clip_denoised = clip_denoised
         # Set by the entry point: resolved config, data shape, logger run id; saved in checkpoints.
         self.run_meta: dict[str, Any] = {}
+        # The training noise of step k comes from a generator seeded by (noise_seed, k): a resumed
+        # run draws the same noise, and so does each slice of a global batch split over processes.
+        self.noise_seed = 0
+        self._noise_generator: torch.Generator | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
         self._denoisers: dict[bool, Denoiser] = {}
         # Buffers whose shape is only known once data are seen; see _load_from_state_dict.
         self._data_buffers: list[str] = []
@@ -195,14 +201,32 @@ class DiffusionModule(L.LightningModule):
             denoiser.train(was_training)
 
     # ---- Lightning hooks --------------------------------------------------------------------
+    def training_noise(self, batch_idx: int) -> ShardedGenerator:
+        """The generator of this step's training noise: seeded by ``(noise_seed, global_step, micro-batch)``
+        and sharded like the batch over the processes."""
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            self._noise_generator = torch.Generator(device=self.device)
+        trainer = self.trainer
+        micro = batch_idx % max(1, int(trainer.accumulate_grad_batches))
+        self._noise_generator.manual_seed(step_seed(self.noise_seed, self.global_step, micro))
+        return ShardedGenerator(self._noise_generator, trainer.global_rank, trainer.world_size)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The global generators (dropout, user code) continue from the checkpoint's states, put back
+        # as late as possible so that nothing run while restarting draws from them.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self.loss(batch).mean()
+        loss = self.loss(batch, generator=self.training_noise(batch_idx)).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"train/loss is {loss.item()} at step {self.global_step}: lower model.optimizer.lr or set "
                 "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0])
+        # Averaged over processes: the loss of the global batch, as one process would log it.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -227,7 +251,17 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = dict(self.run_meta)
+        trainer = self._trainer
+        if trainer is not None:
+            checkpoint[RNG_KEY] = gather_rng_states(trainer.world_size)
+            # Rows logged so far reach the disk with the checkpoint (the CSV logger buffers them).
+            for logger in trainer.loggers:
+                logger.save()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.run_meta = {**meta, **self.run_meta}
+        states = checkpoint.get(RNG_KEY)
+        trainer = self._trainer
+        if states and trainer is not None and len(states) == trainer.world_size:
+            self._rng_to_restore = states[trainer.global_rank]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diff.diffusion.denoisers import PREDICTIONS, VPDenoiser
-from lightning_diff.diffusion.random import randn
+from lightning_diff.diffusion.random import randint, randn
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.schedules import DiscreteSchedule
 from lightning_diff.diffusion.utils import append_dims
@@ -76,9 +76,7 @@ class DDPM(DiffusionModule):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Ho et al. 2020, Algorithm 1: t uniform over the T steps, z_t from the forward marginal."""
         x0 = batch
-        t = torch.randint(
-            0, self.schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator
-        )
+        t = randint(self.schedule.num_timesteps, (x0.shape[0],), generator, device=x0.device)
         noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         ab = self.schedule.alphas_cumprod[t]
         sqrt_ab = append_dims(ab.sqrt().to(x0.dtype), x0.ndim)

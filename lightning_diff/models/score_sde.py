@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diff.diffusion.denoisers import SDEDenoiser
-from lightning_diff.diffusion.random import randn
+from lightning_diff.diffusion.random import rand, randn
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.sdes import SDE, VPSDE
 from lightning_diff.diffusion.utils import append_dims
@@ -66,7 +66,7 @@ class ScoreSDE(DiffusionModule):
         the noise-prediction MSE, and ``g(t)^2 / std_t^2`` for ``likelihood``.
         """
         x0 = batch
-        u = torch.rand((x0.shape[0],), generator=generator, device=x0.device, dtype=x0.dtype)
+        u = rand((x0.shape[0],), generator, device=x0.device, dtype=x0.dtype)
         t = self.sde.train_eps + (self.sde.T - self.sde.train_eps) * u.to(torch.float64)
         noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         alpha, std = self.sde.marginal(t)
