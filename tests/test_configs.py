@@ -10,6 +10,7 @@ from conftest import compose_named, compose_train
 from hydra.utils import instantiate
 from PIL import Image
 
+from lightning_diff.checkpoints import build_family_net
 from lightning_diff.cli import CONF_DIR
 from lightning_diff.data import DiffusionDataModule
 from lightning_diff.diffusion import Sampler
@@ -76,7 +77,7 @@ def test_every_option_of_a_group_composes(group, tmp_path):
         if group == "sampler":
             assert isinstance(instantiate(cfg.sampler), Sampler)
         if group in ("model", "net"):
-            net = instantiate(cfg.net, data_shape=(1, 8, 8) if name == "unet" else (2,))
+            net = build_family_net(cfg, (1, 8, 8) if name == "unet" else (2,))
             assert isinstance(instantiate(cfg.model, net=net), DiffusionModule)
         if group == "trainer":
             trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
@@ -88,7 +89,7 @@ def test_every_experiment_builds_its_model(name, tmp_path):
     cfg = compose_train([f"experiment={name}", f"run_dir={tmp_path}"], tiny=False)
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    model = instantiate(cfg.model, net=instantiate(cfg.net, data_shape=tuple(dm.data_shape)))
+    model = instantiate(cfg.model, net=build_family_net(cfg, tuple(dm.data_shape)))
     assert isinstance(model, DiffusionModule) and cfg.name == name
 
 

@@ -295,6 +295,13 @@ class KernelScore(Denoiser):
             if exclude is not None:
                 full_idx = idx if idx.ndim == 2 else idx.expand(b, -1)
                 logits = logits.masked_fill(full_idx == exclude[:, None], -math.inf)
+            if idx.ndim == 2 and extra:
+                # One neighbour more than top_k was gathered for the left-out one; where nothing was
+                # left out, drop the farthest, so every query is scored by exactly top_k centres.
+                untouched = ~torch.isneginf(logits).any(1)
+                logits = torch.cat(
+                    [logits[:, :-1], logits[:, -1:].masked_fill(untouched[:, None], -math.inf)], 1
+                )
             new_max = torch.maximum(run_max, logits.max(1).values)
             safe = _safe(new_max)
             rescale = (run_max - safe).exp()
