@@ -10,13 +10,19 @@ import torch
 from lightning_diff.diffusion.analytic import EmpiricalDenoiser
 from lightning_diff.diffusion.kernel_wpo import KernelScore, fit_precisions, loo_objective, scott_bandwidth
 
-PRECS = ["isotropic", "diagonal", "lowrank"]
+PRECS = ["isotropic", "diagonal", "lowrank", "tangent"]  # tangent: low-rank covariance factors
+
+
+def _make(y: torch.Tensor, prec: str, **kw) -> KernelScore:
+    if prec == "tangent":
+        return KernelScore(y, "lowrank", covariance_factors=True, **kw)
+    return KernelScore(y, prec, **kw)
 
 
 def _kernel(prec: str, n: int = 6, d: int = 3, **kw) -> KernelScore:
     gen = torch.Generator().manual_seed(1)
     y = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    k = KernelScore(y, prec, rank=2, bandwidth=0.7, init_scale=0.5, **kw)
+    k = _make(y, prec, rank=2, bandwidth=0.7, init_scale=0.5, **kw)
     with torch.no_grad():  # make the precisions differ from point to point
         k.log_prec.add_(0.3 * torch.randn(k.log_prec.shape, generator=gen, dtype=torch.float64))
     return k
@@ -90,7 +96,7 @@ def test_top_k_is_close_far_from_ties():
 def test_sharp_precisions_recover_empirical_denoiser(prec):
     gen = torch.Generator().manual_seed(3)
     y = torch.randn(8, 3, generator=gen, dtype=torch.float64)
-    k = KernelScore(y, prec, rank=2, bandwidth=1e-4, init_scale=1.0)
+    k = _make(y, prec, rank=2, bandwidth=1e-4, init_scale=1.0)
     emp = EmpiricalDenoiser(y, chunk_size=3)
     x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
     for sigma in (0.3, 1.0):

@@ -58,7 +58,13 @@ def test_field_builds_the_stated_precision(form, amortized):
     prec = field.precision_matrices(y)
     assert prec.shape == (5, 3, 3)
     torch.testing.assert_close(prec, prec.mT)
-    assert torch.linalg.eigvalsh(prec).min() >= 0.05 - 1e-6  # the floor bounds every direction
+    if form == "tangent":  # P^{-1} = diag(1 / (floor + exp(a))) + W W^T: the floor caps the diagonal
+        torch.testing.assert_close(
+            torch.linalg.inv(prec) - factors @ factors.mT, torch.diag_embed((-log_diag).exp())
+        )
+        assert (log_diag.exp() >= 0.05 - 1e-6).all()
+    else:
+        assert torch.linalg.eigvalsh(prec).min() >= 0.05 - 1e-6  # the floor bounds every direction
     if form == "full":
         assert torch.equal(factors, factors.tril())  # a Cholesky-type factor
         torch.testing.assert_close(prec, 0.05 * torch.eye(3) + factors @ factors.mT)
@@ -74,7 +80,7 @@ def test_initial_precision_is_the_bandwidth(form):
     field.initialise(bandwidth=0.5)
     prec = field.precision_matrices(torch.zeros(1, 4))[0].detach()
     target = torch.eye(4) / 0.25
-    if form == "lowrank":  # small random factors on top of the diagonal
+    if form in ("lowrank", "tangent"):  # small random factors on top of the diagonal
         torch.testing.assert_close(prec.diagonal(), target.diagonal(), rtol=0.1, atol=0)
     else:
         torch.testing.assert_close(prec, target, rtol=1e-5, atol=1e-5)

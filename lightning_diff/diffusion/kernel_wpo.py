@@ -85,6 +85,7 @@ class KernelScore(Denoiser):
         log_prec: Tensor | None = None,
         factors: Tensor | None = None,
         dtype: torch.dtype = torch.float64,
+        covariance_factors: bool = False,
     ):
         super().__init__()
         if precision not in PRECISIONS:
@@ -97,6 +98,10 @@ class KernelScore(Denoiser):
         self.precision = precision
         self.chunk_size = int(chunk_size)
         self.top_k = None if top_k is None else int(top_k)
+        # Factors U add precision (P = D + U U^T, the default) or covariance (C = D^{-1} + U U^T: wide
+        # along a few directions, a local tangent space). Either way S^{-1} = diag(a) + sign V V^T.
+        self.covariance_factors = bool(covariance_factors)
+        self.sign = -1.0 if self.covariance_factors else 1.0
         if log_prec is not None:
             # Precisions computed elsewhere (a PrecisionField): plain tensors, gradients flow through.
             self.log_prec = log_prec.to(dtype)
@@ -112,7 +117,8 @@ class KernelScore(Denoiser):
         self.log_prec = nn.Parameter(log_p)
         if self.rank > 0:
             gen = torch.Generator().manual_seed(int(seed))
-            u = torch.randn(n, d, self.rank, generator=gen, dtype=torch.float64) * init_scale / h
+            scale = init_scale * (h if self.covariance_factors else 1 / h)  # a std or a precision scale
+            u = torch.randn(n, d, self.rank, generator=gen, dtype=torch.float64) * scale
             self.factors = nn.Parameter(u.to(dtype))
         else:
             self.register_parameter("factors", None)
@@ -127,16 +133,21 @@ class KernelScore(Denoiser):
 
     def precision_matrices(self) -> Tensor:
         """The (N, d, d) precisions ``P_i`` (for inspection and small tests only)."""
+        if self.covariance_factors:
+            return torch.linalg.inv(self.covariances())
         diag = self._log_prec(torch.arange(self.num_points, device=self.points.device)).exp()
-        diag = diag.expand(self.num_points, self.dim)
-        out = torch.diag_embed(diag)
+        out = torch.diag_embed(diag.expand(self.num_points, self.dim))
         if self.factors is not None:
             out = out + self.factors @ self.factors.transpose(1, 2)
         return out
 
     def covariances(self) -> Tensor:
         """The (N, d, d) data-time covariances ``C_i = P_i^{-1}``."""
-        return torch.linalg.inv(self.precision_matrices())
+        if not self.covariance_factors:
+            return torch.linalg.inv(self.precision_matrices())
+        diag = (-self._log_prec(torch.arange(self.num_points, device=self.points.device))).exp()
+        out = torch.diag_embed(diag.expand(self.num_points, self.dim))
+        return out + self.factors @ self.factors.transpose(1, 2)
 
     def _log_prec(self, idx: Tensor) -> Tensor:
         if self.tied:
@@ -166,6 +177,13 @@ class KernelScore(Denoiser):
             return y, a, None, logdet, trace
         u = self.factors[idx]  # (..., d, r)
         eye = torch.eye(self.rank, dtype=u.dtype, device=u.device)
+        if self.covariance_factors:
+            # S = E + W W^T: S^{-1} = E^{-1} - V V^T with V = E^{-1} W L^{-T}, L L^T = I + W^T E^{-1} W.
+            ew = u * a[..., None]
+            chol_m = torch.linalg.cholesky(eye + u.transpose(-1, -2) @ ew)
+            v = torch.linalg.solve_triangular(chol_m, ew.transpose(-1, -2), upper=False).transpose(-1, -2)
+            logdet_m = 2 * chol_m.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            return y, a, v, logdet + logdet_m, trace - (v**2).sum((-1, -2))
         w = u * inv_p[..., None]  # D^{-1} U
         k = eye + u.transpose(-1, -2) @ w  # I + U^T D^{-1} U
         # M = K - W^T E^{-1} W, written without cancellation: I + U^T diag(sigma^2 a / p) U.
@@ -191,8 +209,8 @@ class KernelScore(Denoiser):
         quad = (delta * g).sum(-1)
         if v is not None:
             z = torch.einsum("bkdr,bkd->bkr", v, delta)
-            quad = quad + (z**2).sum(-1)
-            g = g + torch.einsum("bkdr,bkr->bkd", v, z)
+            quad = quad + self.sign * (z**2).sum(-1)
+            g = g + self.sign * torch.einsum("bkdr,bkr->bkd", v, z)
         logits = -0.5 * (quad + logdet + self.dim * math.log(2 * math.pi))
         if exclude_self:
             logits = logits.masked_fill((delta == 0).all(-1), -math.inf)
@@ -223,7 +241,7 @@ class KernelScore(Denoiser):
         z = None
         if v is not None:
             z = project(v)
-            quad = quad + (z**2).sum(1)
+            quad = quad + self.sign * (z**2).sum(1)
         logits = -0.5 * (quad + logdet + d * math.log(2 * math.pi))
         if exclude_self:
             dist2 = x2.sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.T
@@ -237,13 +255,15 @@ class KernelScore(Denoiser):
             q = diag_form(a * a) - trace
             if v is not None:
                 chol = torch.linalg.cholesky(v.mT @ v + 1e-30 * torch.eye(v.shape[-1], dtype=v.dtype))
-                q = q + 2 * (project(v * a[..., None]) * z).sum(1) + (project(v @ chol) ** 2).sum(1)
+                cross = (project(v * a[..., None]) * z).sum(1)
+                q = q + 2 * self.sign * cross + (project(v @ chol) ** 2).sum(1)
 
         def weighted_g(w: Tensor) -> Tensor:  # sum_i w_i g_i = -sum_i w_i (diag(a_i) delta_i + V_i z_i)
             out = x * (w @ a) - w @ (a * y)
             if v is not None:
                 r = v.shape[-1]
-                out = out + (w[:, None, :] * z).reshape(-1, r * c) @ v.permute(2, 0, 1).reshape(r * c, d)
+                vz = (w[:, None, :] * z).reshape(-1, r * c) @ v.permute(2, 0, 1).reshape(r * c, d)
+                out = out + self.sign * vz
             return -out
 
         return logits, q, weighted_g

@@ -122,6 +122,7 @@ class KernelWPO(DiffusionModule):
             log_prec=log_diag,
             factors=factors,
             dtype=self.centers.dtype,
+            covariance_factors=field.covariance_factors,
         )
 
     def optimizer_step(self, *args, **kwargs) -> None:

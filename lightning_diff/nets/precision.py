@@ -3,14 +3,18 @@
 The reference implementation of Zhang et al. (arXiv 2402.06162) produces each centre's precision with
 a small network of the centre, ``P(y) = L(y) L(y)^T + eps I`` (``L`` lower triangular, ``eps = 0.01``),
 so neighbouring centres get similar precisions and the model has a fixed number of parameters however
-many centres it carries. :class:`PrecisionField` offers that form (``"full"``) and three cheaper ones
-for high dimension, all returned in the factored form :class:`KernelScore` consumes:
+many centres it carries. :class:`PrecisionField` offers that form (``"full"``) and cheaper ones for
+high dimension, all returned in the factored form :class:`KernelScore` consumes. ``lowrank`` adds
+precision along ``rank`` directions (it can only narrow a kernel); ``tangent`` adds *covariance*
+along ``rank`` directions, so a kernel can be narrow in most directions and wide along a few: a local
+tangent space of data on a manifold (images).
 
 =============  ========================================================  =======================
 form           ``P(y)``                                                  outputs per centre
 =============  ========================================================  =======================
 ``full``       ``floor I + L L^T``, ``L`` lower triangular                ``d (d + 1) / 2``
 ``lowrank``    ``diag(floor + exp(a)) + U U^T``, ``U`` of ``rank`` cols   ``d + d rank``
+``tangent``    ``P^{-1} = diag(floor + exp(a))^{-1} + W W^T``              ``d + d rank``
 ``diagonal``   ``diag(floor + exp(a))``                                  ``d``
 ``isotropic``  ``(floor + exp(a)) I``                                    ``1``
 =============  ========================================================  =======================
@@ -28,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_diff.errors import ConfigError
 
-FORMS = ("full", "lowrank", "diagonal", "isotropic")
+FORMS = ("full", "lowrank", "tangent", "diagonal", "isotropic")
 
 
 class PrecisionField(nn.Module):
@@ -66,10 +70,10 @@ class PrecisionField(nn.Module):
             raise ConfigError(f"net.floor={floor} must be >= 0")
         self.dim = d = math.prod(data_shape)
         self.form, self.floor, self.amortized = form, float(floor), bool(amortized)
-        self.rank = d if form == "full" else int(rank) if form == "lowrank" else 0
-        if form == "lowrank" and not 1 <= self.rank <= d:
+        self.rank = d if form == "full" else int(rank) if form in ("lowrank", "tangent") else 0
+        if form in ("lowrank", "tangent") and not 1 <= self.rank <= d:
             raise ConfigError(f"net.rank={rank} must be in [1, {d}] for data of dimension {d}")
-        self.diag_width = {"full": 0, "lowrank": d, "diagonal": d, "isotropic": 1}[form]
+        self.diag_width = {"full": 0, "lowrank": d, "tangent": d, "diagonal": d, "isotropic": 1}[form]
         self.out_dim = self.diag_width + (d * (d + 1) // 2 if form == "full" else d * self.rank)
         self.seed = int(seed)
         self.register_buffer("shift", torch.zeros(d))
@@ -93,7 +97,14 @@ class PrecisionField(nn.Module):
     @property
     def kernel_precision(self) -> str:
         """The :class:`KernelScore` precision kind these outputs describe."""
-        return {"full": "lowrank", "lowrank": "lowrank", "diagonal": "diagonal"}.get(self.form, "isotropic")
+        if self.form in ("full", "lowrank", "tangent"):
+            return "lowrank"
+        return self.form
+
+    @property
+    def covariance_factors(self) -> bool:
+        """Whether the factors add covariance (``tangent``) rather than precision."""
+        return self.form == "tangent"
 
     @torch.no_grad()
     def initialise(self, bandwidth: float, data: Tensor | None = None) -> None:
@@ -115,9 +126,10 @@ class PrecisionField(nn.Module):
             bias[rows == cols] = math.sqrt(max(target - self.floor, 1e-6 * target))
         else:
             bias[:k] = math.log(max(target - self.floor, 1e-6 * target))
-            if self.form == "lowrank":
+            if self.form in ("lowrank", "tangent"):
                 noise = torch.randn(d * self.rank, generator=gen)
-                bias[k:] = noise * 0.1 * math.sqrt(target / self.rank)
+                scale = target if self.form == "lowrank" else 1 / target  # a precision or a variance
+                bias[k:] = noise * 0.1 * math.sqrt(scale / self.rank)
         if self.amortized:
             last = self.body[-1]
             last.weight.mul_(0.01)
@@ -139,12 +151,15 @@ class PrecisionField(nn.Module):
             return log_diag, chol
         raw = out[:, : self.diag_width]
         log_diag = torch.logaddexp(raw, torch.full_like(raw, math.log(self.floor))) if self.floor > 0 else raw
-        if self.form != "lowrank":
+        if self.form not in ("lowrank", "tangent"):
             return log_diag, None
         return log_diag, out[:, self.diag_width :].reshape(m, d, self.rank)
 
     def precision_matrices(self, y: Tensor) -> Tensor:
         """The (M, d, d) precisions at centres ``y`` (for inspection and small dimensions)."""
         log_diag, factors = self.forward(y)
+        if self.covariance_factors:
+            cov = torch.diag_embed((-log_diag).exp().expand(-1, self.dim)) + factors @ factors.mT
+            return torch.linalg.inv(cov)
         out = torch.diag_embed(log_diag.exp().expand(-1, self.dim))
         return out if factors is None else out + factors @ factors.mT
