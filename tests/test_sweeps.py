@@ -94,7 +94,8 @@ def test_multirun_default_directories():
         "dir": "${paths.runs}/${name}/${now:%Y-%m-%d_%H-%M-%S}",
         "subdir": "${hydra.job.num}",
     }
-    assert cfg._get_node("run_dir")._value() == "${paths.runs}/${name}/${now:%Y-%m-%d_%H-%M-%S}"
+    default = "${paths.runs}/${name}/${now:%Y-%m-%d_%H-%M-%S}"
+    assert cfg._get_node("run_dir")._value() == "${oc.env:LD_RUN_DIR," + default + "}"
 
 
 def test_missing_group_option_is_detected():
