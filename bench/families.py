@@ -80,8 +80,9 @@ def run_cell(data: str, family: str, size: str, root: Path, seed: int) -> dict:
 
 def table(data: str, rows: list[dict]) -> str:
     ref = "sliced W2 of training data" if data == "moons" else "held-out data FD"
+    metric = QUALITY[data].split("/")[1]
     lines = [
-        f"| family | num_train | steps | training time (s) | {QUALITY[data].split('/')[1]} | {ref} | memorized |",
+        f"| family | num_train | steps | training time (s) | {metric} | {ref} | memorized |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -94,7 +95,8 @@ def table(data: str, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--data", choices=sorted(EXPERIMENTS), default="moons")
     parser.add_argument("--sizes", nargs="+", default=["32", "128", "512", "full"])
     parser.add_argument("--families", nargs="+", default=list(EXPERIMENTS["moons"]))
