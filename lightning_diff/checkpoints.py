@@ -50,9 +50,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def find_last(run_dir: str | Path) -> Path | None:
-    """``run_dir/checkpoints/last.ckpt`` if present."""
-    path = Path(run_dir) / "checkpoints" / LAST
-    return path if path.is_file() else None
+    """The newest of ``run_dir/checkpoints/last.ckpt`` and the ``run_dir/hpc_ckpt_<n>.ckpt`` files that
+    Lightning's SLURM environment writes on the requeue signal; None when there is neither."""
+    candidates = [Path(run_dir) / "checkpoints" / LAST, *Path(run_dir).glob("hpc_ckpt_*.ckpt")]
+    found = [p for p in candidates if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def build_family_net(cfg: DictConfig, data_shape: tuple[int, ...]) -> torch.nn.Module:

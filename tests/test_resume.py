@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 import torch
@@ -174,3 +175,19 @@ def test_run_dir_default_comes_from_the_environment_while_training(tmp_path, mon
     assert RUN_DIR_ENV not in os.environ, "restored after training"
     second = compose_train([]).run_dir
     assert second.startswith("runs/run/")
+
+
+def test_resume_auto_takes_the_newest_of_last_and_slurm_requeue_checkpoints(tmp_path):
+    from lightning_diff.checkpoints import find_last
+
+    assert find_last(tmp_path) is None
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"a")
+    assert find_last(tmp_path) == last
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning on SLURM's requeue signal
+    hpc.write_bytes(b"b")
+    os.utime(last, ns=(1_000_000_000, 1_000_000_000))
+    assert find_last(tmp_path) == hpc
+    os.utime(hpc, ns=(500_000_000, 500_000_000))
+    assert find_last(tmp_path) == last
