@@ -52,6 +52,10 @@ class KernelWPO(DiffusionModule):
         top_k: score each query with its ``top_k`` nearest centres only (an approximation; the error
             is measured by ``bench/kernel_wpo.py``); all centres when None.
         dtype: ``float64`` (default: the loss has cancelling terms) or ``float32``.
+        max_variance: no kernel is wider than this along any direction (the precision field's floor is
+            raised to its inverse): ``data`` (the training set's mean per-coordinate variance), a
+            number, or None (the field's own floor only). Without it, a few centres can stretch one
+            kernel along the line through a neighbour, far beyond the data (seen with 32 points).
         fit_sigma: the noise level at which the objective is evaluated: the mixture smoothed by
             ``fit_sigma^2 I``. Data on a lower-dimensional manifold (a circle, images) have no density,
             and at 0 the objective then rewards precisions across the manifold without bound; a small
@@ -70,6 +74,7 @@ class KernelWPO(DiffusionModule):
         top_k: int | None = None,
         dtype: str = "float64",
         fit_sigma: float = 0.01,
+        max_variance: str | float | None = "data",
         schedule: DiscreteSchedule | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_warmup_steps: int = 0,
@@ -91,6 +96,9 @@ class KernelWPO(DiffusionModule):
         if fit_sigma < 0:
             raise ConfigError(f"model.fit_sigma={fit_sigma} must be >= 0")
         self.fit_sigma = float(fit_sigma)
+        if not (max_variance in (None, "data") or float(max_variance) > 0):
+            raise ConfigError(f"model.max_variance={max_variance!r}: use data, null or a positive number")
+        self.max_variance = max_variance
         self.register_data_buffer("centers")
 
     def fit_data(self, train: Tensor) -> None:
@@ -105,6 +113,11 @@ class KernelWPO(DiffusionModule):
             raise ConfigError("model=kernel_wpo needs at least two training points")
         self.centers = flat.to(device=self.device, dtype=DTYPES[self.dtype_name])
         h = self.bandwidth if self.bandwidth is not None else scott_bandwidth(train)
+        if self.max_variance is not None:
+            cap = self.max_variance
+            if cap == "data":
+                cap = train.reshape(train.shape[0], -1).double().var(0).mean().item()
+            self.net.raise_floor(1.0 / float(cap))
         self.net.initialise(h, data=train.to(self.device))
         self.ema.module.load_state_dict(self.net.state_dict())
         self.data_changed()

@@ -69,7 +69,9 @@ class PrecisionField(nn.Module):
         if floor < 0:
             raise ConfigError(f"net.floor={floor} must be >= 0")
         self.dim = d = math.prod(data_shape)
-        self.form, self.floor, self.amortized = form, float(floor), bool(amortized)
+        self.form, self.amortized = form, bool(amortized)
+        # A buffer, so that a floor raised to fit the data (raise_floor) travels with checkpoints.
+        self.register_buffer("floor_value", torch.tensor(float(floor)))
         self.rank = d if form == "full" else int(rank) if form in ("lowrank", "tangent") else 0
         if form in ("lowrank", "tangent") and not 1 <= self.rank <= d:
             raise ConfigError(f"net.rank={rank} must be in [1, {d}] for data of dimension {d}")
@@ -93,6 +95,16 @@ class PrecisionField(nn.Module):
         if form == "full":
             self.register_buffer("tril", torch.tril_indices(d, d), persistent=False)
         self.initialise(bandwidth=1.0)
+
+    @property
+    def floor(self) -> float:
+        return float(self.floor_value)
+
+    @torch.no_grad()
+    def raise_floor(self, value: float) -> None:
+        """Raise the floor to ``value`` if it is lower (e.g. to the inverse data variance, so that no
+        kernel is wider than the data along any direction)."""
+        self.floor_value.fill_(max(self.floor, float(value)))
 
     @property
     def kernel_precision(self) -> str:
@@ -147,10 +159,10 @@ class PrecisionField(nn.Module):
         if self.form == "full":
             chol = out.new_zeros(m, d, d)
             chol[:, self.tril[0], self.tril[1]] = out
-            log_diag = torch.full((m, 1), math.log(self.floor), dtype=out.dtype, device=out.device)
+            log_diag = self.floor_value.log().to(out).expand(m, 1)
             return log_diag, chol
         raw = out[:, : self.diag_width]
-        log_diag = torch.logaddexp(raw, torch.full_like(raw, math.log(self.floor))) if self.floor > 0 else raw
+        log_diag = torch.logaddexp(raw, self.floor_value.log().to(raw)) if self.floor > 0 else raw
         if self.form not in ("lowrank", "tangent"):
             return log_diag, None
         return log_diag, out[:, self.diag_width :].reshape(m, d, self.rank)
