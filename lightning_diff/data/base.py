@@ -130,7 +130,11 @@ class DiffusionDataModule(L.LightningDataModule):
             taken *before* the ``num_train`` subset, so it does not change with ``num_train``.
         seed: governs the generation of synthetic data, the held-out split, the subset and the
             shuffle order.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (0: batches are built in the training process).
+        pin_memory: page-locked host batches for faster copies to a GPU; None (the default) turns it
+            on exactly when CUDA is available.
+        persistent_workers: keep the worker processes alive between epochs (and between training
+            and validation); None (the default) turns it on whenever ``num_workers > 0``.
         flip: random horizontal flips of training images (an error for vector data).
         eval_batch_size: global batch size of the validation loader; defaults to ``batch_size``.
             It only bounds memory, so it is split over devices rounding up rather than erroring.
@@ -153,6 +157,8 @@ class DiffusionDataModule(L.LightningDataModule):
         num_workers: int = 0,
         flip: bool = False,
         eval_batch_size: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -172,6 +178,8 @@ class DiffusionDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.flip = bool(flip)
         self.eval_batch_size = self.batch_size if eval_batch_size is None else int(eval_batch_size)
+        self.pin_memory = None if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = None if persistent_workers is None else bool(persistent_workers)
 
         # Filled by _build(); see there.
         self._pool: Dataset | None = None
@@ -347,10 +355,14 @@ class DiffusionDataModule(L.LightningDataModule):
     # DataLoaders
     # ----------------------------------------------------------------------------------------
     def _loader_kwargs(self) -> dict[str, Any]:
+        """DataLoader options shared by the training and validation loaders, with the auto defaults
+        resolved (persistent workers need workers, so they are off with ``num_workers=0``)."""
+        persistent = self.num_workers > 0 if self.persistent_workers is None else self.persistent_workers
+        pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
         return {
             "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": persistent and self.num_workers > 0,
+            "pin_memory": pin,
         }
 
     def train_dataloader(self) -> DataLoader:

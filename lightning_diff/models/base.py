@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -65,6 +66,40 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
+class ChannelsLastCall(nn.Module):
+    """Calls ``net`` with a 4-D image input in ``channels_last`` memory format (other inputs unchanged).
+
+    Used only as the unregistered training-time wrapper of :class:`DiffusionModule`, so it adds no
+    keys to any ``state_dict``.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        if x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x, c_noise)
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params: list[nn.Parameter]):
+    """``factory(params)``; a ``fused=True`` the parameters' device cannot run falls back to torch's choice.
+
+    Recent torch runs fused AdamW on CUDA and on the CPU; older versions and other devices raise a
+    RuntimeError, in which case the optimiser is built again without ``fused`` and a warning says so.
+    """
+    keywords = getattr(factory, "keywords", None) or {}
+    try:
+        return factory(params)
+    except RuntimeError as err:
+        if not keywords.get("fused"):
+            raise
+        device = params[0].device if params else "cpu"
+        rank_zero_warn(f"model.optimizer.fused=true is not supported on {device} here ({err}); not fused")
+        return factory(params, fused=None)
+
+
 class DiffusionModule(L.LightningModule):
     """Base LightningModule of every family.
 
@@ -79,6 +114,12 @@ class DiffusionModule(L.LightningModule):
         sampler: the default sampler for grids, evaluation and ``ld-sample``.
         clip_denoised: clamp the denoised estimate to [-1, 1] while sampling (the original DDPM
             sampler's choice for images; the noise estimate then follows from the clamped value).
+        compile: call the network through ``torch.compile`` in the training loss. The compiled
+            wrapper is not a registered submodule, so parameter names, ``state_dict`` keys,
+            checkpoints and the EMA are the same with and without it; sampling uses the EMA copy,
+            which is not compiled.
+        channels_last: keep the weights of an image network (and the EMA copy) in ``channels_last``
+            memory format and feed it ``channels_last`` inputs while training; no effect on vectors.
     """
 
     def __init__(
@@ -90,11 +131,19 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
         clip_denoised: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay} must be in [0, 1)")
+        self.compile_net = bool(compile)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
         self.net = net
+        # The function the training loss calls the net through; built on first use (see training_net).
+        self.__dict__["_training_net"] = None
         self.ema = AveragedModel(net, multi_avg_fn=EMAUpdate(ema_decay, ema_warmup), use_buffers=True)
         self.ema.requires_grad_(False)
         self.optimizer_factory = optimizer or torch.optim.AdamW
@@ -124,6 +173,23 @@ class DiffusionModule(L.LightningModule):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample training loss (B,); ``generator`` makes it deterministic (validation)."""
         raise NotImplementedError
+
+    @property
+    def training_net(self) -> nn.Module:
+        """The network as the training loss calls it: ``self.net``, or a wrapper of it that converts
+        inputs to ``channels_last`` and/or is compiled. The wrapper shares ``self.net``'s parameters
+        and lives outside the module tree (not in ``state_dict``, dropped when pickled)."""
+        if not (self.compile_net or self.channels_last):
+            return self.net
+        if self.__dict__.get("_training_net") is None:
+            call: nn.Module = ChannelsLastCall(self.net) if self.channels_last else self.net
+            self.__dict__["_training_net"] = torch.compile(call) if self.compile_net else call
+        return self.__dict__["_training_net"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_training_net"] = None  # a compiled function does not pickle; rebuilt on first use
+        return state
 
     # ---- the data's Gaussian (the teleportation reference) ------------------------------------
     def register_data_buffer(self, name: str) -> None:
@@ -242,7 +308,7 @@ class DiffusionModule(L.LightningModule):
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.net.parameters())
+        optimizer = build_optimizer(self.optimizer_factory, list(self.net.parameters()))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

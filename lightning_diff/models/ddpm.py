@@ -41,7 +41,7 @@ class DDPM(DiffusionModule):
         schedule: a :class:`DiscreteSchedule` (linear or cosine).
         prediction: what the network predicts: ``eps``, ``x0`` or ``v``.
         loss_weighting: ``simple`` or ``min_snr``; ``min_snr_gamma`` is the cap (5 in the paper).
-        The rest (optimizer, EMA, sampler) as in :class:`DiffusionModule`.
+        The rest (optimizer, EMA, sampler, compile, channels_last) as in :class:`DiffusionModule`.
     """
 
     def __init__(
@@ -57,8 +57,20 @@ class DDPM(DiffusionModule):
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
         clip_denoised: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
-        super().__init__(net, optimizer, lr_warmup_steps, ema_decay, ema_warmup, sampler, clip_denoised)
+        super().__init__(
+            net,
+            optimizer,
+            lr_warmup_steps,
+            ema_decay,
+            ema_warmup,
+            sampler,
+            clip_denoised,
+            compile=compile,
+            channels_last=channels_last,
+        )
         if prediction not in PREDICTIONS:
             raise ConfigError(f"model.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")
         if loss_weighting not in WEIGHTINGS:
@@ -82,7 +94,7 @@ class DDPM(DiffusionModule):
         sqrt_ab = append_dims(ab.sqrt().to(x0.dtype), x0.ndim)
         sqrt_1mab = append_dims((1 - ab).sqrt().to(x0.dtype), x0.ndim)
         z = sqrt_ab * x0 + sqrt_1mab * noise
-        out = self.net(z, t.to(x0.dtype))
+        out = self.training_net(z, t.to(x0.dtype))
         if self.prediction == "eps":
             target = noise
         elif self.prediction == "x0":

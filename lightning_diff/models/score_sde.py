@@ -31,7 +31,8 @@ class ScoreSDE(DiffusionModule):
         sde: the forward SDE (:class:`~lightning_diff.diffusion.sdes.VPSDE` by default).
         weighting: ``std2`` (``lambda(t) = std_t^2``, the paper's default) or ``likelihood``
             (``lambda(t) = g(t)^2``, Song, Durkan, Murray & Ermon 2021, arXiv 2101.09258, Thm. 1).
-        The rest (optimizer, EMA, sampler, clip_denoised) as in :class:`DiffusionModule`.
+        The rest (optimizer, EMA, sampler, clip_denoised, compile, channels_last) as in
+            :class:`DiffusionModule`.
     """
 
     def __init__(
@@ -45,8 +46,20 @@ class ScoreSDE(DiffusionModule):
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
         clip_denoised: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
     ):
-        super().__init__(net, optimizer, lr_warmup_steps, ema_decay, ema_warmup, sampler, clip_denoised)
+        super().__init__(
+            net,
+            optimizer,
+            lr_warmup_steps,
+            ema_decay,
+            ema_warmup,
+            sampler,
+            clip_denoised,
+            compile=compile,
+            channels_last=channels_last,
+        )
         if weighting not in SDE_WEIGHTINGS:
             raise ConfigError(f"model.weighting={weighting!r} is not one of {', '.join(SDE_WEIGHTINGS)}")
         self.sde = sde or VPSDE()
@@ -71,7 +84,7 @@ class ScoreSDE(DiffusionModule):
         noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         alpha, std = self.sde.marginal(t)
         z = append_dims(alpha.to(x0.dtype), x0.ndim) * x0 + append_dims(std.to(x0.dtype), x0.ndim) * noise
-        eps = self.make_denoiser(self.net).eps_z(z, t)
+        eps = self.make_denoiser(self.training_net).eps_z(z, t)
         mse = (eps - noise).pow(2).flatten(1).mean(1)
         if self.weighting == "std2":
             return mse
