@@ -27,7 +27,7 @@ import torch
 # The experiment of each family per data set, and the steps every size gets.
 EXPERIMENTS = {
     "moons": {
-        "ddpm": ["data=moons", "model=ddpm", "net=mlp", "trainer.max_steps=2000", "model.ema_decay=0.995"],
+        "ddpm": ["experiment=moons_ddpm"],
         "score_sde": ["experiment=moons_score_sde", "trainer.max_steps=2000", "sampler.num_steps=200"],
         "kernel_wpo": ["experiment=moons_kernel_wpo"],
     },
