@@ -18,8 +18,10 @@ The structure implemented here (in the package's variance-exploding coordinates 
 Precision parameterisations: ``"isotropic"`` (``P_i = p_i I``), ``"diagonal"`` (``P_i = diag(p_i)``)
 and ``"lowrank"`` (``P_i = diag(p_i) + U_i U_i^T``, ``U_i`` of rank ``r``). Every ``S_i^{-1}`` is then
 ``diag(a_i) + V_i V_i^T`` with ``V_i`` of ``r`` columns (two Woodbury steps), so nothing ``d x d`` is
-ever formed. The sums over training points run over chunks with a running log-sum-exp (memory
-``batch x chunk x d``), or over each query's ``top_k`` Euclidean nearest training points.
+ever formed. With ``covariance_factors=True`` the factors add covariance instead
+(``C_i = diag(p_i)^{-1} + W_i W_i^T``, a local tangent space) and ``S_i^{-1} = diag(a_i) - V_i V_i^T``.
+The sums over training points run over chunks with a running log-sum-exp, in matrix-product form
+(memory ``batch x chunk x r``), or over each query's ``top_k`` Euclidean nearest training points.
 
 As every ``p_i -> inf`` the score tends to the empirical (memorizing) score of the training set.
 :func:`fit_precisions` minimises Hyvarinen's objective ``E[1/2 |s|^2 + div s]`` on the training points,
