@@ -6,8 +6,11 @@
 Cases: ``unet`` is the demo (``experiment=digits_ddpm``: 0.7M-parameter UNet on the 8x8 digits,
 batch 128), ``mlp`` the default MLP on two moons (batch 256). Both loops use the same DataModule
 loader, the same network initialisation, AdamW with the warm-up schedule from
-``configure_optimizers``, the module's own ``loss``, gradient clipping at 1.0 and the EMA update; the
-plain loop seeds its noise generator per step like the module does. Rows:
+``configure_optimizers``, the module's own ``loss``, gradient clipping at 1.0 and the module's EMA
+update (``model.ema.update_parameters``). The plain loop seeds its noise generator per step with the
+module's ``step_seed``, and every ``LOG_EVERY`` steps reads the loss and stops on NaN/inf, which is
+what the module does at its logging steps (``log_every_n_steps`` is ``LOG_EVERY`` in both Lightning
+rows). Rows:
 
 * ``plain``: the loop above, no Lightning;
 * ``lightning, bare``: ``Trainer`` without progress bar, logger, checkpointing or model summary;
@@ -16,7 +19,10 @@ plain loop seeds its noise generator per step like the module does. Rows:
   sample-grid or evaluation callbacks, whose cost is not overhead).
 
 Each row reports the median over ``repeats`` runs of milliseconds per optimiser step, timed over
-``steps`` steps after ``warmup`` steps. With ``data_share=true`` a second table gives the share of
+``steps`` steps after ``warmup`` steps, on the ``clock``: ``wall`` (elapsed time, the default; the one
+for GPUs) or ``cpu`` (CPU seconds of this process, ``time.process_time``: on a CPU run with one
+thread and ``num_workers=0`` the same quantity, but not inflated by other processes competing for
+the cores of a shared machine). With ``data_share=true`` a second table gives the share of
 step time the plain loop spends waiting in ``next(iterator)`` on the digits DataModule for each
 ``workers`` count. Writes Markdown to stdout.
 """
@@ -24,6 +30,7 @@ step time the plain loop spends waiting in ``next(iterator)`` on the digits Data
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import tempfile
 import time
@@ -38,6 +45,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_diff.checkpoints import build_family_net
 from lightning_diff.cli import CONF_DIR
+from lightning_diff.resume import step_seed
 
 CASES = {
     "unet": ["experiment=digits_ddpm"],
@@ -53,8 +61,12 @@ DEFAULTS = {
     "workers": [0, 2],
     "threads": 1,
     "precision": "32-true",
+    "clock": "wall",
 }
 CLIP = 1.0
+LOG_EVERY = 25  # conf/trainer/default.yaml's log_every_n_steps
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+now = CLOCKS["wall"]
 
 
 def build(case: str, num_workers: int = 0):
@@ -69,9 +81,14 @@ def build(case: str, num_workers: int = 0):
 
 
 def batches(loader):
-    """Endless iteration over a loader, a fresh iterator per epoch (as a training loop does)."""
+    """Endless iteration over a loader, a fresh iterator per epoch (as a training loop does), with the
+    sampler told the epoch, as Lightning tells it: the same batches in the same order as ``fit``."""
+    epoch = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 def plain_loop(model, loader, steps: int, warmup: int, precision: str) -> tuple[float, float]:
@@ -89,13 +106,15 @@ def plain_loop(model, loader, steps: int, warmup: int, precision: str) -> tuple[
         if step == warmup:
             if device == "cuda":
                 torch.cuda.synchronize()
-            start, waited = time.perf_counter(), 0.0
-        fetch = time.perf_counter()
+            start, waited = now(), 0.0
+        fetch = now()
         batch = next(stream).to(device, non_blocking=True)
-        waited += time.perf_counter() - fetch
-        generator.manual_seed(step)
+        waited += now() - fetch
+        generator.manual_seed(step_seed(model.noise_seed, step))
         with autocast:
             loss = model.loss(batch, generator).mean()
+        if (step + 1) % LOG_EVERY == 0 and not math.isfinite(loss.item()):
+            raise FloatingPointError(f"train/loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.net.parameters(), CLIP)
@@ -104,7 +123,7 @@ def plain_loop(model, loader, steps: int, warmup: int, precision: str) -> tuple[
         model.ema.update_parameters(model.net)
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps, waited / steps
+    return (now() - start) / steps, waited / steps
 
 
 class StepClock(Callback):
@@ -112,11 +131,13 @@ class StepClock(Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        # Asked once: without a GPU, torch.cuda.is_available() queries the driver on every call.
+        self.cuda = torch.cuda.is_available()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
+        if self.cuda:
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
+        self.times.append(now())
 
 
 def lightning_loop(model, datamodule, steps: int, warmup: int, precision: str, full: bool) -> float:
@@ -132,7 +153,7 @@ def lightning_loop(model, datamodule, steps: int, warmup: int, precision: str, f
             limit_val_batches=0,
             callbacks=[clock],
             logger=CSVLogger(tmp, name="csv") if full else False,
-            log_every_n_steps=25,
+            log_every_n_steps=LOG_EVERY,
             enable_checkpointing=False,
             enable_progress_bar=full,
             enable_model_summary=full,
@@ -143,6 +164,12 @@ def lightning_loop(model, datamodule, steps: int, warmup: int, precision: str, f
     return (clock.times[-1] - clock.times[warmup - 1]) / steps
 
 
+def same_weights(a, b) -> bool:
+    """Whether two modules hold bit-identical state (raw and EMA weights): the loops did the same work."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
 def overhead_rows(case: str, args) -> list[list[str]]:
     datamodule, model = build(case)
     initial = copy.deepcopy(model)
@@ -150,18 +177,17 @@ def overhead_rows(case: str, args) -> list[list[str]]:
     results: dict[str, list[float]] = {"plain": [], "lightning, bare": []}
     if args["full_row"]:
         results["lightning, ld-train settings"] = []
+    same = True
     for _ in range(args["repeats"]):  # interleaved, so drifts in machine load hit every row alike
+        plain = copy.deepcopy(initial)
         secs, _ = plain_loop(
-            copy.deepcopy(initial),
-            datamodule.train_dataloader(),
-            args["steps"],
-            args["warmup"],
-            args["precision"],
+            plain, datamodule.train_dataloader(), args["steps"], args["warmup"], args["precision"]
         )
         results["plain"].append(secs)
         for name in list(results)[1:]:
+            trained = copy.deepcopy(initial)
             secs = lightning_loop(
-                copy.deepcopy(initial),
+                trained,
                 datamodule,
                 args["steps"],
                 args["warmup"],
@@ -169,6 +195,11 @@ def overhead_rows(case: str, args) -> list[list[str]]:
                 full=name != "lightning, bare",
             )
             results[name].append(secs)
+            same = same and same_weights(plain, trained)
+    print(
+        f"{case}: raw and EMA weights after {args['warmup'] + args['steps']} steps "
+        f"{'identical' if same else 'DIFFERENT'} in every loop"
+    )
     base = median(results["plain"])
     rows = []
     for name, values in results.items():
@@ -202,11 +233,15 @@ def data_share_rows(args) -> list[list[str]]:
 
 
 def main(argv: list[str]) -> None:
+    global now
     args = parse_args(argv, DEFAULTS, __doc__)
+    if args["clock"] not in CLOCKS:
+        sys.exit(f"error: clock={args['clock']} is not one of {', '.join(CLOCKS)}")
+    now = CLOCKS[args["clock"]]
     torch.set_num_threads(args["threads"])
     print(
         f"{machine_line()}; {args['steps']} timed steps after {args['warmup']}, "
-        f"median of {args['repeats']}; precision {args['precision']}\n"
+        f"median of {args['repeats']}; precision {args['precision']}; {args['clock']} clock\n"
     )
     rows = []
     for case in args["case"]:

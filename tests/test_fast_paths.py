@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from lightning_diff.data import DigitsDataModule
 from lightning_diff.diffusion import DiscreteSchedule
 from lightning_diff.models import DDPM, ScoreSDE
-from lightning_diff.models.base import build_optimizer
+from lightning_diff.models.base import EMAUpdate, ExponentialAverage, build_optimizer
 from lightning_diff.nets import MLP, UNet
 
 CUDA = torch.cuda.is_available()
@@ -218,3 +218,44 @@ def test_all_switches_together_on_a_gpu():
     trainer.fit(model, DataLoader(images(), batch_size=16))
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.optimizers[0].defaults["fused"] is True
+
+
+def test_cached_ema_update_matches_averaged_model_bit_for_bit():
+    """The EMA with cached tensor lists gives AveragedModel's weights, also across a reload and a
+    swapped buffer (the cache is rebuilt), and pickles without its cache."""
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    reference = AveragedModel(net, multi_avg_fn=EMAUpdate(0.9, True), use_buffers=True)
+    fast = ExponentialAverage(net, EMAUpdate(0.9, True))
+    for step in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        if step == 2:
+            fast.load_state_dict(copy.deepcopy(fast.state_dict()))
+        if step == 4:
+            name, buf = next((n, b) for n, b in net.named_buffers())
+            module = net.get_submodule(name.rpartition(".")[0])
+            module._buffers[name.rpartition(".")[2]] = buf.clone() + 1
+        reference.update_parameters(net)
+        fast.update_parameters(net)
+        for key, value in reference.state_dict().items():
+            assert torch.equal(value, fast.state_dict()[key]), (step, key)
+    assert int(fast.n_averaged) == 6
+    assert pickle.loads(pickle.dumps(fast))._cache is None
+
+
+def test_nan_loss_is_reported_with_its_first_step_before_any_checkpoint(tmp_path):
+    """Losses are checked at logging steps and before checkpoints; the error names the first bad step."""
+    model = ddpm(tiny_mlp())
+    model._unchecked_losses = [
+        (3, torch.tensor(1.0)),
+        (4, torch.tensor(float("inf"))),
+        (5, torch.tensor(0.5)),
+    ]
+    with pytest.raises(FloatingPointError, match=r"^train/loss is inf at step 4: lower model.optimizer.lr"):
+        model.check_finite_loss()
+    assert model._unchecked_losses == []
+    model.check_finite_loss()  # nothing pending: nothing to raise

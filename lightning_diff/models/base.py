@@ -26,6 +26,8 @@ from lightning_diff.errors import ConfigError
 from lightning_diff.resume import RNG_KEY, gather_rng_states, set_rng_states, step_seed
 
 CHECKPOINT_KEY = "lightning_diff"
+#: Training losses held on the device before they are checked for NaN/inf at the latest.
+MAX_UNCHECKED_LOSSES = 100
 
 
 class EMAUpdate:
@@ -55,6 +57,87 @@ class EMAUpdate:
         for a, c in zip(averaged, current, strict=True):
             if not a.is_floating_point():
                 a.copy_(c)
+
+
+class ExponentialAverage(AveragedModel):
+    """``AveragedModel`` (buffers averaged too) with a cheaper per-step update and no host synchronisation.
+
+    The update computes what ``AveragedModel.update_parameters`` computes, bit for bit: a copy of the
+    network at the first update, then ``multi_avg_fn`` once per (device, dtype) group. Two things
+    differ: the tensor lists and their grouping are built once and reused for as long as every
+    buffer is still the same tensor and every group's tensors are still on their device and dtype
+    (moving or loading either module, or replacing a buffer, rebuilds them); and whether an update
+    is the first is decided from a count kept on the host, so the step never waits for the device.
+    ``n_averaged`` and ``module.*`` remain the ``state_dict`` entries they were.
+    """
+
+    def __init__(self, model: nn.Module, multi_avg_fn: Callable[..., None]):
+        super().__init__(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
+        self.forget_tensors()
+
+    def forget_tensors(self) -> None:
+        """Drop the cached tensor lists and the host copy of the update count (rebuilt on next use)."""
+        self._cache: dict[str, Any] | None = None
+        self._count: int | None = None
+
+    @staticmethod
+    def _slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+        return [(m, n, b) for m in module.modules() for n, b in m._buffers.items() if b is not None]
+
+    def _cache_valid(self, model: nn.Module) -> bool:
+        cache = self._cache
+        if cache is None or cache["source"] is not model:
+            return False
+        if any(m._buffers.get(n) is not b for m, n, b in cache["slots"]):
+            return False
+        return all(t.device == d and t.dtype == k for t, d, k in cache["keys"])
+
+    def _build_cache(self, model: nn.Module) -> dict[str, Any]:
+        # Parameters are kept as objects (moving a module swaps their data, not the objects);
+        # buffers are replaced on moves, hence the slots that are checked before every update.
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [*model.parameters(), *model.buffers()]
+        if len(averaged) != len(current):
+            raise ValueError("the EMA copy and the network hold different numbers of tensors")
+        keys = [(t, t.device, t.dtype) for t in (*averaged, *current)]
+        slots = self._slots(self.module) + self._slots(model)
+        pairs = list(zip(averaged, current, strict=True))
+        shared = all(a.device == c.device for a, c in pairs)
+        if not shared:  # copies on the EMA's device, made for every update (as AveragedModel does)
+            current = [c.detach().to(a.device) for a, c in pairs]
+            pairs = list(zip(averaged, current, strict=True))
+        grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([averaged, current])
+        groups = [(avg, cur) for (avg, cur), _ in grouped.values()]
+        cache = {"source": model, "keys": keys, "slots": slots, "pairs": pairs, "groups": groups}
+        self._cache = cache if shared else None
+        return cache
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        cache = self._cache if self._cache_valid(model) else self._build_cache(model)
+        if self._count is None:
+            self._count = int(self.n_averaged)  # one read after building, moving or loading
+        if self._count == 0:
+            for averaged, current in cache["pairs"]:
+                averaged.copy_(current)
+        else:
+            for averaged, current in cache["groups"]:
+                self.multi_avg_fn(averaged, current, self.n_averaged.to(averaged[0].device))
+        self.n_averaged.add_(1)
+        self._count += 1
+
+    def _apply(self, fn, *args, **kwargs):
+        self.forget_tensors()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.forget_tensors()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_cache=None, _count=None)  # references into the source network: not pickled
+        return state
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -144,7 +227,7 @@ class DiffusionModule(L.LightningModule):
         self.net = net
         # The function the training loss calls the net through; built on first use (see training_net).
         self.__dict__["_training_net"] = None
-        self.ema = AveragedModel(net, multi_avg_fn=EMAUpdate(ema_decay, ema_warmup), use_buffers=True)
+        self.ema = ExponentialAverage(net, EMAUpdate(ema_decay, ema_warmup))
         self.ema.requires_grad_(False)
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_warmup_steps = lr_warmup_steps
@@ -157,6 +240,10 @@ class DiffusionModule(L.LightningModule):
         self.noise_seed = 0
         self._noise_generator: torch.Generator | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        # Training losses not yet checked for NaN/inf, and what on_train_batch_end may log.
+        self._unchecked_losses: list[tuple[int, Tensor]] = []
+        self._step_loss: tuple[Tensor, int] | None = None
+        self._step_lr: float | None = None
         self._denoisers: dict[bool, Denoiser] = {}
         # Buffers whose shape is only known once data are seen; see _load_from_state_dict.
         self._data_buffers: list[str] = []
@@ -286,14 +373,66 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch, generator=self.training_noise(batch_idx)).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss.item()} at step {self.global_step}: lower model.optimizer.lr or set "
-                "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
-            )
-        # Averaged over processes: the loss of the global batch, as one process would log it.
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
+        # Nothing here waits for the device: the loss is checked for NaN/inf (check_finite_loss) and
+        # logged (on_train_batch_end) only at the steps where something reads it.
+        detached = loss.detach()
+        self._unchecked_losses.append((self.global_step, detached))
+        self._step_loss = (detached, batch.shape[0])
+        if len(self._unchecked_losses) >= MAX_UNCHECKED_LOSSES:
+            self.check_finite_loss()
         return loss
+
+    def check_finite_loss(self) -> None:
+        """Raise FloatingPointError naming the first step whose training loss was NaN or infinite.
+
+        Losses are kept on the device until this runs: at every logging step, before every
+        checkpoint is written, before validation and the sampling callbacks, at the end of training,
+        and at least every ``MAX_UNCHECKED_LOSSES`` steps. A bad loss therefore stops training within
+        that many steps and never reaches a checkpoint, a sample grid or an evaluation.
+        """
+        pending, self._unchecked_losses = self._unchecked_losses, []
+        if not pending:
+            return
+        finite = torch.isfinite(torch.stack([loss for _, loss in pending])).cpu()
+        if bool(finite.all()):
+            return
+        first = int((~finite).nonzero()[0, 0])
+        step, loss = pending[first]
+        raise FloatingPointError(
+            f"train/loss is {loss.item()} at step {step}: lower model.optimizer.lr or set "
+            "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
+        )
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning hands this step's metrics to the loggers (or training ends with it).
+
+        Only then are train/loss and train/lr logged, so callback metrics and the progress bar show
+        the values of the last logging step in between. Where Lightning's loop does not expose what
+        is needed, every step logs.
+        """
+        trainer = self.trainer
+        try:
+            if trainer._logger_connector.should_update_logs:
+                return True
+            if 0 < trainer.max_steps <= trainer.global_step:
+                return True
+            return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
+        except AttributeError:  # pragma: no cover - a Lightning without these internals
+            return True
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step_loss, lr = self._step_loss, self._step_lr
+        self._step_loss = self._step_lr = None
+        if step_loss is None or not self._logs_this_step():
+            return
+        self.check_finite_loss()
+        loss, batch_size = step_loss
+        # Averaged over processes (the loss of the global batch, as one process would log it) and
+        # handed over on the CPU, so that the progress bar's per-step reading never waits for a GPU.
+        loss = self.trainer.strategy.reduce(loss.clone(), reduce_op="mean").cpu()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if lr is not None:
+            self.log("train/lr", lr)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         # Fixed noise per batch index, so val/loss is comparable across steps and runs.
@@ -313,9 +452,17 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.log("train/lr", optimizer.param_groups[0]["lr"])
+        # The rate this step uses; logged with the loss at the end of the step (on_train_batch_end).
+        self._step_lr = optimizer.param_groups[0]["lr"]
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite_loss()
+
+    def on_train_end(self) -> None:
+        self.check_finite_loss()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_loss()  # raises before anything is written: the last good checkpoint stays
         checkpoint[CHECKPOINT_KEY] = dict(self.run_meta)
         trainer = self._trainer
         if trainer is not None:
