@@ -173,6 +173,20 @@ def finish_wandb(loggers: list[Any]) -> None:
             wandb.finish()
 
 
+def refuse_multiprocess_multirun(cfg: DictConfig) -> None:
+    """Hydra multirun runs its jobs in one process; a DDP strategy inside such a job (several devices,
+    or any ``ddp`` strategy) relaunches or spawns processes that re-enter the sweep. Refuse it."""
+    devices = cfg.trainer.get("devices", 1)
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    several = devices in ("auto", -1, "-1") or (isinstance(devices, int) and devices > 1)
+    if several or "ddp" in strategy:
+        raise ConfigError(
+            f"ld-train -m (Hydra multirun) with trainer.devices={devices} trainer.strategy={strategy} is not "
+            "supported: sweep with one job per configuration (a wandb agent or a SLURM array, see "
+            "sweeps/README.md), or run the multirun with trainer.devices=1"
+        )
+
+
 def multirun_run_dir(cfg: DictConfig) -> None:
     """Under ``-m`` (multirun) each job writes to its own Hydra job directory,
     ``hydra.sweep.dir/hydra.sweep.subdir`` (``runs/<name>/<date_time>/<job number>``), instead of the
@@ -180,6 +194,7 @@ def multirun_run_dir(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
+    refuse_multiprocess_multirun(cfg)
     if any(item.split("=", 1)[0].lstrip("+~") == "run_dir" for item in hydra_cfg.overrides.task):
         return
     with open_dict(cfg):

@@ -8,9 +8,12 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import compose_train
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
+
+from lightning_diff.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
@@ -53,3 +56,12 @@ def test_slurm_template_requeues_and_runs_ld_train_with_composable_overrides():
     cfg = compose_train(overrides, tiny=False)
     assert (cfg.trainer.strategy, cfg.trainer.num_nodes, cfg.trainer.devices) == ("ddp", 2, 4)
     assert cfg.run_dir == "r" and cfg.resume == "auto"
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_multirun_refuses_multiprocess_training(trainer):
+    from lightning_diff.train import refuse_multiprocess_multirun
+
+    with pytest.raises(ConfigError, match="multirun"):
+        refuse_multiprocess_multirun(compose_train([f"trainer={trainer}"]))
+    refuse_multiprocess_multirun(compose_train(["trainer=cpu"]))  # one process: allowed
