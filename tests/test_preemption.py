@@ -84,3 +84,22 @@ def test_signal_in_process_stops_after_the_step_with_a_checkpoint_of_it(tmp_path
     assert objects["stopped_by"] == signame and objects["trainer"].global_step == 7
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 7
     assert signal.getsignal(getattr(signal, signame)) == before, "handlers are put back"
+
+
+def test_sigterm_between_steps_saves_the_last_finished_step(tmp_path):
+    """SIGTERM after a step's end hooks: Lightning stops before the next step; step 7 is still saved."""
+    import lightning as L
+    from omegaconf import open_dict
+
+    class SigtermAfterStep7(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 7:  # after the preemption callback has looked at step 7
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    globals()["SigtermAfterStep7"] = SigtermAfterStep7
+    cfg = compose_train(RUN + ["callbacks.checkpoint.every_n_train_steps=5"], tmp_path / "run")
+    with open_dict(cfg):
+        cfg.callbacks.signal = {"_target_": f"{__name__}.SigtermAfterStep7"}
+    _, objects = train(cfg)
+    assert objects["stopped_by"] == "SIGTERM" and objects["trainer"].global_step == 7
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 7

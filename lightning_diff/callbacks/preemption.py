@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("lightning_diff.preemption")
 
@@ -67,6 +68,11 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        # A SIGTERM that lands between two steps (while a checkpoint or the logs are written, or
+        # during validation) makes Lightning stop before the next step starts, without another
+        # on_train_batch_end: save the last finished step here, before Lightning tears down.
+        if isinstance(exception, SIGTERMException) and self._received and self.stopped_by is None:
+            self._save(trainer, self._received)
         self.restore_handlers()
 
     def _agreed_signal(self, trainer: L.Trainer) -> int:
@@ -81,6 +87,9 @@ class PreemptionCheckpoint(L.Callback):
         signum = self._agreed_signal(trainer)
         if not signum or self.stopped_by is not None:
             return
+        self._save(trainer, signum)
+
+    def _save(self, trainer: L.Trainer, signum: int) -> None:
         self.path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(self.path)
         self.stopped_by = signal.Signals(signum).name
