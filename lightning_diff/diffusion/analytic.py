@@ -118,8 +118,8 @@ class GaussianMixtureDenoiser(Denoiser):
         if covs is None:
             if stds is None:
                 raise ValueError("pass either covs or stds")
-            var = torch.as_tensor(stds, dtype=torch.float64).expand(num) ** 2
-            covs = var[:, None, None] * torch.eye(dim, dtype=torch.float64)
+            var = torch.as_tensor(stds, dtype=torch.float64, device=means.device).expand(num) ** 2
+            covs = var[:, None, None] * torch.eye(dim, dtype=torch.float64, device=means.device)
         covs = torch.as_tensor(covs, dtype=torch.float64)
         if covs.shape != (num, dim, dim):
             raise ValueError(f"covariances of shape {tuple(covs.shape)} do not match means {(num, dim)}")

@@ -245,18 +245,19 @@ class KernelScore(Denoiser):
             z = project(v)
             quad = quad + self.sign * (z**2).sum(1)
         logits = -0.5 * (quad + logdet + d * math.log(2 * math.pi))
-        if exclude_self:
-            dist2 = x2.sum(1, keepdim=True) + (y * y).sum(1) - 2 * x @ y.T
-            scale = x2.sum(1, keepdim=True) + (y * y).sum(1)
-            tol = 64 * torch.finfo(x.dtype).eps * scale
-            logits = logits.masked_fill(dist2.detach() <= tol.detach(), -math.inf)
+        if exclude_self:  # |x - y|^2 within rounding of 0, from the same expansion
+            with torch.no_grad():
+                scale = x2.sum(1, keepdim=True) + (y * y).sum(1)
+                close = scale - 2 * x @ y.T <= 64 * torch.finfo(x.dtype).eps * scale
+            logits = logits.masked_fill(close, -math.inf)
         q = None
         if need_div:
             # |g_i|^2 = |a delta|^2 + 2 (V^T diag(a) delta) . z + |V z|^2, and |V z|^2 = |R z|^2 with
             # V^T V = R^T R, so each term is again a projection of delta.
             q = diag_form(a * a) - trace
             if v is not None:
-                chol = torch.linalg.cholesky(v.mT @ v + 1e-30 * torch.eye(v.shape[-1], dtype=v.dtype))
+                eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+                chol = torch.linalg.cholesky(v.mT @ v + 1e-30 * eye)
                 cross = (project(v * a[..., None]) * z).sum(1)
                 q = q + 2 * self.sign * cross + (project(v @ chol) ** 2).sum(1)
 

@@ -140,7 +140,7 @@ class KernelWPO(DiffusionModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.data_changed()  # the cached denoisers hold the precisions of the previous step
+        self._denoisers.clear()  # they hold the precisions of the previous step
 
     def make_denoiser(self, net: PrecisionField) -> Denoiser:
         with torch.no_grad():
