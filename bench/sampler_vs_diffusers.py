@@ -43,7 +43,7 @@ def load_net(ckpt: str, device: str):
         attn_resolutions=(4,),
         dropout=0.0,
     )
-    return net.to(device).eval(), (1, 8, 8), DiscreteSchedule()
+    return net.to(device).eval(), (1, 8, 8), DiscreteSchedule().to(device)
 
 
 class CountingNet(torch.nn.Module):

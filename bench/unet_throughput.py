@@ -133,6 +133,7 @@ def main(argv: list[str]) -> None:
         rows.append(
             [name, f"{1000 * per_step:.1f}", f"{ips:.1f}", f"{ips / base:.2f}", f"{achieved:.3f}", mfu]
         )
+        print("  ".join(map(str, rows[-1])), flush=True)  # as it goes: compiling variants take minutes
         if device == "cuda":
             torch.cuda.empty_cache()
     print(table(["variant", "ms / step", "images/s", "vs fp32", "achieved TFLOP/s", "MFU"], rows))

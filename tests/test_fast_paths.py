@@ -196,6 +196,24 @@ def test_loader_options_resolve_their_auto_defaults():
     assert dm.train_dataloader().persistent_workers is False
 
 
+def test_fused_adamw_with_bf16_mixed_clips_gradients_like_the_unfused_optimizer():
+    """Lightning's mixed-precision plugin refuses gradient clipping for fused AdamW; under bf16 (no
+    loss scaler) the module clips itself: the same weights as unfused AdamW with the same clipping,
+    and not those of an unclipped run (the clip value is small enough to bind at every step)."""
+
+    def trained(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
+        model = ddpm(tiny_mlp(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, fused=fused))
+        trainer = fit(model, vectors(), 4, precision="bf16-mixed", gradient_clip_val=clip)
+        assert trainer.global_step == 4
+        assert trainer.optimizers[0].defaults["fused"] is fused
+        return {k: v.clone() for k, v in model.net.state_dict().items()}
+
+    fused, unfused, unclipped = trained(True, 1e-3), trained(False, 1e-3), trained(True, None)
+    for key, value in fused.items():
+        torch.testing.assert_close(value, unfused[key], rtol=1e-5, atol=1e-6)
+    assert max((fused[k] - unclipped[k]).abs().max().item() for k in fused) > 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: fused AdamW, bf16 and compile on the device")
 def test_all_switches_together_on_a_gpu():
@@ -210,6 +228,7 @@ def test_all_switches_together_on_a_gpu():
         devices=1,
         max_steps=3,
         precision="bf16-mixed",
+        gradient_clip_val=1.0,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -9,6 +9,7 @@ shown in each docstring and checked against diffusers' schedulers in the tests.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,7 @@ def denoise_step(
     return sigma, sigma_next, denoised
 
 
-def _ddim_noise_levels(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+def _ddim_noise_levels(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
     """Split the step to ``sigma_next`` into a deterministic part and fresh noise.
 
     DDIM (Song, Meng, Ermon 2021, eq. 12 and 16) adds noise of variance
@@ -45,9 +46,9 @@ def _ddim_noise_levels(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[T
     dividing by ``ab'`` this is ``sigma_up^2 = eta^2 sigma'^2 (sigma^2 - sigma'^2) / sigma^2`` in
     x-space, and the deterministic part keeps ``sigma_down^2 = sigma'^2 - sigma_up^2``.
     """
-    sigma_up = (eta**2 * sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).clamp(min=0).sqrt()
-    sigma_up = torch.minimum(sigma_up, sigma_next)
-    sigma_down = (sigma_next**2 - sigma_up**2).clamp(min=0).sqrt()
+    sigma_up = math.sqrt(max(eta**2 * sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2, 0.0))
+    sigma_up = min(sigma_up, sigma_next)
+    sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
     return sigma_down, sigma_up
 
 
@@ -67,17 +68,21 @@ def sample_ddim(
     ``dx/dsigma = (x - D) / sigma`` (Karras et al. 2022, Sec. 3); at ``eta = 1`` it is ancestral
     sampling with the posterior variance.
     """
+    # The grid is read on the host once (no wait when it is given on the CPU): the loop's branches
+    # and step sizes never wait for the device.
+    levels = sigmas.tolist()
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
+        _, _, denoised = denoise_step(denoiser, x, sigmas, i, callback)
+        sigma, sigma_next = levels[i], levels[i + 1]
         if sigma_next == 0:
             x = denoised
             continue
         sigma_down, sigma_up = _ddim_noise_levels(sigma, sigma_next, eta)
-        eps = (x - denoised) / sigma.to(x.dtype)
-        x = denoised + sigma_down.to(x.dtype) * eps
+        eps = (x - denoised) / sigma
+        x = denoised + sigma_down * eps
         if sigma_up > 0:
-            x = x + sigma_up.to(x.dtype) * randn(x.shape, generator, device=x.device, dtype=x.dtype)
+            x = x + sigma_up * randn(x.shape, generator, device=x.device, dtype=x.dtype)
     return x, len(sigmas) - 1
 
 
@@ -101,19 +106,21 @@ def sample_ancestral(
     """
     if variance not in ("posterior", "beta"):
         raise ConfigError(f"unknown ancestral variance {variance!r}: use posterior or beta")
+    levels = sigmas.tolist()  # on the host, as in sample_ddim
     sigmas = sigmas.to(device=x.device, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next, denoised = denoise_step(denoiser, x, sigmas, i, callback)
+        _, _, denoised = denoise_step(denoiser, x, sigmas, i, callback)
+        sigma, sigma_next = levels[i], levels[i + 1]
         if sigma_next == 0:
             x = denoised
             continue
-        mean = denoised + (sigma_next**2 / sigma**2).to(x.dtype) * (x - denoised)
+        mean = denoised + (sigma_next**2 / sigma**2) * (x - denoised)
         if variance == "posterior":
             var = sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
         else:
             var = (sigma**2 - sigma_next**2) * (1 + sigma_next**2) / (1 + sigma**2)
         noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        x = mean + var.sqrt().to(x.dtype) * noise
+        x = mean + math.sqrt(var) * noise
     return x, len(sigmas) - 1
 
 

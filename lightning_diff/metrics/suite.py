@@ -160,7 +160,7 @@ class EvaluationSuite(nn.Module):
         (``sliced_wasserstein_train``)."""
         fd = FrechetDistance(
             self.frechet.feature_extractor, feature_dim=self.frechet.feature_dim, sync_on_compute=False
-        )
+        ).to(self.frechet.device)
         fd.set_reference(self.frechet.ref_mean, self.frechet.ref_cov, self.frechet.ref_n)
         fd.update(self.heldout[:num_samples].to(self.frechet.device), real=False)
         sw = SlicedWasserstein(self.heldout, seed=self.sliced_wasserstein.seed, sync_on_compute=False)

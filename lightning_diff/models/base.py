@@ -451,6 +451,26 @@ class DiffusionModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(self.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip for an optimiser that unscales gradients
+        # itself (fused AdamW), even under bf16 autocast, which scales nothing. Without a loss scaler
+        # the gradients are the true ones, so they are clipped here as for any other optimiser.
+        unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not (gradient_clip_val and unscales_itself and scaler is None):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The rate this step uses; logged with the loss at the end of the step (on_train_batch_end).
         self._step_lr = optimizer.param_groups[0]["lr"]
