@@ -30,6 +30,7 @@ if [ "${SMALL:-0}" = 1 ]; then
     overhead="case=mlp steps=10 warmup=5 repeats=1 workers=0"
     cifar="case=cifar steps=1 warmup=1 repeats=1 full_row=false data_share=false batch=2"
     sampler="num_samples=16 steps=5 repeats=1"
+    optimizer="case=mlp steps=5 repeats=1"
     metrics="parts=nn,frechet,kernel nn_sizes=500,1000 nn_dims=64 fd_samples=500 fd_dims=64 kernel_sizes=200,400 kernel_dims=2 repeats=1"
     demo="trainer.max_steps=20 trainer.val_check_interval=10 callbacks.sample_grid.every_n_steps=10
           callbacks.evaluation.num_samples=64 trainer.accelerator=auto trainer.precision=32-true model.compile=false"
@@ -38,6 +39,7 @@ else
     overhead="case=mlp,unet steps=200 warmup=20 repeats=2 workers=0,4"
     cifar="case=cifar steps=30 warmup=10 repeats=3 full_row=false data_share=false"
     sampler="num_samples=4096 steps=50 repeats=3"
+    optimizer="case=mlp,unet,cifar steps=100 repeats=3"
     metrics="parts=nn,frechet,kernel nn_sizes=10000,20000,50000 nn_dims=3072 fd_dims=2048 kernel_dims=2,64 repeats=3"
     demo="model.compile=true"
 fi
@@ -50,6 +52,7 @@ part train_overhead 100 "$py" bench/train_overhead.py $overhead
 part train_overhead_cifar 60 "$py" bench/train_overhead.py $cifar
 part sampler_vs_diffusers 35 "$py" bench/sampler_vs_diffusers.py $sampler
 part metrics 45 "$py" bench/metrics.py $metrics
+part optimizer_step 40 "$py" bench/optimizer_step.py $optimizer
 part gpu_tests 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_paths.py tests/test_gpu.py
 # The demo with every switch on: bf16 autocast, torch.compile, channels_last, fused AdamW.
 part demo_all_switches 120 "$py" -m lightning_diff.train experiment=digits_ddpm trainer=gpu \

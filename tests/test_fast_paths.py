@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import compose_train
 from hydra.utils import instantiate
+from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_diff.data import DigitsDataModule
@@ -164,6 +165,15 @@ def _raise_other(params, fused=None):
     raise RuntimeError("some other failure")
 
 
+@pytest.mark.parametrize("family", ["ddpm", "score_sde"])
+def test_default_config_trains_with_fused_adamw(family):
+    """``model.optimizer.fused`` defaults to true: one kernel per step, on the CPU too."""
+    cfg = compose_train([f"model={family}", "data=moons"])
+    assert cfg.model.optimizer.fused is True
+    model = instantiate(cfg.model, net=instantiate(cfg.net, data_shape=(2,)))
+    assert model.configure_optimizers()["optimizer"].defaults["fused"] is True
+
+
 def test_switches_compose_from_the_command_line():
     cfg = compose_train(
         ["model.compile=true", "model.channels_last=true", "model.optimizer.fused=true", "data=digits"]
@@ -196,14 +206,21 @@ def test_loader_options_resolve_their_auto_defaults():
     assert dm.train_dataloader().persistent_workers is False
 
 
-def test_fused_adamw_with_bf16_mixed_clips_gradients_like_the_unfused_optimizer():
-    """Lightning's mixed-precision plugin refuses gradient clipping for fused AdamW; under bf16 (no
-    loss scaler) the module clips itself: the same weights as unfused AdamW with the same clipping,
-    and not those of an unclipped run (the clip value is small enough to bind at every step)."""
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fused_adamw_under_mixed_precision_clips_gradients_like_the_unfused_optimizer(precision):
+    """Lightning's mixed-precision plugin refuses gradient clipping for fused AdamW; the module clips
+    those gradients itself (after the loss scaler has unscaled them, in fp16): the same weights as
+    unfused AdamW with the same clipping, and not those of an unclipped run (the clip value is small
+    enough to bind at every step). fp16 runs on the CPU through a CPU GradScaler."""
 
     def trained(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
         model = ddpm(tiny_mlp(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, fused=fused))
-        trainer = fit(model, vectors(), 4, precision="bf16-mixed", gradient_clip_val=clip)
+        if precision == "16-mixed":
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            kwargs = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
+        else:
+            kwargs = {"precision": precision}
+        trainer = fit(model, vectors(), 4, gradient_clip_val=clip, **kwargs)
         assert trainer.global_step == 4
         assert trainer.optimizers[0].defaults["fused"] is fused
         return {k: v.clone() for k, v in model.net.state_dict().items()}

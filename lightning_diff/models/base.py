@@ -458,13 +458,16 @@ class DiffusionModule(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # Lightning's mixed-precision plugin refuses to clip for an optimiser that unscales gradients
-        # itself (fused AdamW), even under bf16 autocast, which scales nothing. Without a loss scaler
-        # the gradients are the true ones, so they are clipped here as for any other optimiser.
+        # itself (fused AdamW), even under bf16 autocast, which scales nothing. Such gradients are
+        # clipped here: as they are without a loss scaler (bf16), or after the scaler has unscaled
+        # them (fp16; its step then passes the optimiser no scale, only the inf check).
         unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if not (gradient_clip_val and unscales_itself and scaler is None):
+        if not (gradient_clip_val and unscales_itself):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
