@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
@@ -461,11 +462,12 @@ class DiffusionModule(L.LightningModule):
         # itself (fused AdamW), even under bf16 autocast, which scales nothing. Such gradients are
         # clipped here: as they are without a loss scaler (bf16), or after the scaler has unscaled
         # them (fp16; its step then passes the optimiser no scale, only the inf check).
+        plugin = self.trainer.precision_plugin
         unscales_itself = getattr(optimizer, "_step_supports_amp_scaling", False)
-        if not (gradient_clip_val and unscales_itself):
+        if not (gradient_clip_val and unscales_itself and isinstance(plugin, MixedPrecision)):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scaler = plugin.scaler
         if scaler is not None:
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
