@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU row of bench/RESULTS.md, and the GPU-only tests, in one run: about 10 minutes on one H100.
+# Every GPU row of bench/RESULTS.md, and the GPU-only tests, in one run: about 12 minutes on one H100.
 #
 #     bash bench/gpu.sh [LOG]            # LOG defaults to bench-gpu.log
 #     PYTHON=.venv/bin/python SMALL=1 bash bench/gpu.sh /tmp/dry.log   # a quick dry run (any machine)
@@ -31,6 +31,7 @@ if [ "${SMALL:-0}" = 1 ]; then
     cifar="case=cifar steps=1 warmup=1 repeats=1 full_row=false data_share=false batch=2"
     sampler="num_samples=16 steps=5 repeats=1"
     optimizer="case=mlp steps=5 repeats=1"
+    sample_count=16
     metrics="parts=nn,frechet,kernel nn_sizes=500,1000 nn_dims=64 fd_samples=500 fd_dims=64 kernel_sizes=200,400 kernel_dims=2 repeats=1"
     demo="trainer.max_steps=20 trainer.val_check_interval=10 callbacks.sample_grid.every_n_steps=10
           callbacks.evaluation.num_samples=64 trainer.accelerator=auto trainer.precision=32-true model.compile=false"
@@ -40,6 +41,7 @@ else
     cifar="case=cifar steps=30 warmup=10 repeats=3 full_row=false data_share=false"
     sampler="num_samples=4096 steps=50 repeats=3"
     optimizer="case=mlp,unet,cifar steps=100 repeats=3"
+    sample_count=1000
     metrics="parts=nn,frechet,kernel nn_sizes=10000,20000,50000 nn_dims=3072 fd_dims=2048 kernel_dims=2,64 repeats=3"
     demo="model.compile=true"
 fi
@@ -58,3 +60,7 @@ part gpu_tests 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_
 part demo_all_switches 120 "$py" -m lightning_diff.train experiment=digits_ddpm trainer=gpu \
     model.channels_last=true model.optimizer.fused=true logger=csv run_dir="${TMPDIR:-/tmp}/bench-gpu-demo" $demo
 echo "demo metrics: $(cat "${TMPDIR:-/tmp}/bench-gpu-demo/metrics.json" 2>&1)" | tee -a "$log"
+# Every sampler, and teleportation, on the checkpoint the demo part leaves.
+ckpt="${TMPDIR:-/tmp}/bench-gpu-demo/checkpoints/last.ckpt"
+part samplers 90 "$py" bench/samplers.py ckpt="$ckpt" num_samples=$sample_count
+part teleport 60 "$py" bench/teleport.py ckpt="$ckpt" num_samples=$sample_count

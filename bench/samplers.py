@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_line, sync
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -42,14 +43,12 @@ RUNS = [
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     num_samples = int(args.get("num_samples", 200))
-    model, run_cfg = load_model(args["ckpt"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the scripts use a GPU by themselves
+    model, run_cfg = load_model(args["ckpt"], device)
     datamodule = instantiate(run_cfg.data)
     datamodule.setup("fit")
     shape = tuple(datamodule.data_shape)
-    print(
-        f"checkpoint {args['ckpt']}, {num_samples} samples, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads\n"
-    )
+    print(f"checkpoint {args['ckpt']}, {num_samples} samples; {machine_line()}\n")
     print("| sampler | steps | NFE / sample | seconds | samples/s | fd | sliced W2 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, steps in RUNS:
@@ -58,6 +57,7 @@ def main(argv: list[str]) -> None:
         sampler = build_sampler(cfg, model)
         start = time.perf_counter()
         samples, nfe = generate(model, range(num_samples), shape, sampler, seed=12345, batch_size=num_samples)
+        sync()
         seconds = time.perf_counter() - start
         metrics, _ = evaluate_samples(samples, datamodule, kid=False, cache_dir=Path(".cache/lightning_diff"))
         fd = next(v for k, v in metrics.items() if k.startswith("fd_") and not k.endswith("_heldout"))

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from common import machine_line, sync
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -31,11 +33,12 @@ SAMPLERS = (("teleport_ddim", 50), ("teleport_heun", 18))
 def main(argv: list[str]) -> None:
     args = dict(a.split("=", 1) for a in argv)
     num_samples = int(args.get("num_samples", 500))
-    model, run_cfg = load_model(args["ckpt"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the scripts use a GPU by themselves
+    model, run_cfg = load_model(args["ckpt"], device)
     datamodule = instantiate(run_cfg.data)
     datamodule.setup("fit")
     shape = tuple(datamodule.data_shape)
-    print(f"checkpoint {args['ckpt']}, {num_samples} samples\n")
+    print(f"checkpoint {args['ckpt']}, {num_samples} samples; {machine_line()}\n")
     print(
         "| inner sampler | grid steps | skip | sigma at hand-over | NFE used | NFE saved | seconds | fd "
         "| sliced W2 | memorized |"
@@ -57,6 +60,7 @@ def main(argv: list[str]) -> None:
             samples, nfe = generate(
                 model, range(num_samples), shape, teleport, seed=12345, batch_size=num_samples
             )
+            sync()
             seconds = time.perf_counter() - start
             sigmas = model.schedule.sampling_sigmas(steps, teleport.inner.spacing)
             handover = float(sigmas[teleport.skip_index(sigmas)])
