@@ -60,8 +60,9 @@ def _weights_key(weights_path: str | Path | None) -> str:
     path = Path(weights_path)
     if not path.is_file():
         raise ConfigError(
-            f"Inception weights {path} not found: give eval.inception.weights_path=FILE (a torch-fidelity "
-            "Inception-v3 state dict) or leave it null to download"
+            f"Inception weights {path} not found: give inception.weights_path=FILE (a torch-fidelity "
+            "Inception-v3 state dict; ld-eval: eval.inception.weights_path, ld-train: "
+            "callbacks.evaluation.inception.weights_path) or leave it null to download"
         )
     stat = path.stat()
     return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
