@@ -41,10 +41,10 @@ def tiny_unet() -> UNet:
     )
 
 
-def fit(model, data: torch.Tensor, steps: int, **trainer_kwargs) -> L.Trainer:
+def fit(model, data: torch.Tensor, steps: int, accelerator: str = "cpu", **trainer_kwargs) -> L.Trainer:
     """``steps`` optimiser steps over ``data`` in fixed batches, nothing written to disk."""
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=steps,
         logger=False,
@@ -240,18 +240,7 @@ def test_all_switches_together_on_a_gpu():
         channels_last=True,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, fused=True),
     )
-    trainer = L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_steps=3,
-        precision="bf16-mixed",
-        gradient_clip_val=1.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, DataLoader(images(), batch_size=16))
+    trainer = fit(model, images(), 3, accelerator="gpu", precision="bf16-mixed", gradient_clip_val=1.0)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.optimizers[0].defaults["fused"] is True
 
