@@ -96,6 +96,7 @@ def build(case: str, num_workers: int = 0, batch: int = 0):
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = instantiate(cfg.model, net=build_family_net(cfg, tuple(datamodule.data_shape)))
+    model.fit_data(datamodule.train_tensor())
     return datamodule, model
 
 

@@ -68,6 +68,7 @@ def make_step(switches: dict, device: str, batch: int, resolution: int):
     model = DDPM(
         cifar_unet(resolution),
         DiscreteSchedule(),
+        sigma_data=0.5,
         optimizer=functools.partial(torch.optim.AdamW, lr=2e-4, fused=switches.get("fused")),
         compile=switches.get("compile", False),
         channels_last=switches.get("channels_last", False),

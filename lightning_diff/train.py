@@ -117,8 +117,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     model = instantiate(cfg.model, net=net)
     if cfg.get("gaussian_reference", True):
         model.set_gaussian_reference(datamodule.train_tensor())
-    if hasattr(model, "fit_data"):  # analytic families: nothing to train, fitted here
-        model.fit_data(datamodule.train_tensor())
+    model.fit_data(datamodule.train_tensor())  # preconditioning statistics, analytic fits, kernel centres
 
     fill_wandb_labels(cfg)
     loggers = instantiate_dict(cfg.get("logger"))

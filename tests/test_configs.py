@@ -67,6 +67,7 @@ def test_every_data_config_instantiates(name, data_files, tmp_path):
     assert tuple(x.shape[1:]) == tuple(dm.data_shape)
     net = instantiate(cfg.net, data_shape=tuple(dm.data_shape))
     model = instantiate(cfg.model, net=net)
+    model.fit_data(dm.train_tensor())  # as ld-train does before training
     assert model.loss(x).shape == (x.shape[0],)
 
 

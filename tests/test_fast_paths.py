@@ -67,7 +67,9 @@ def images() -> torch.Tensor:
 
 
 def ddpm(net, **kwargs) -> DDPM:
-    return DDPM(net, DiscreteSchedule(num_timesteps=100), ema_decay=0.9, ema_warmup=False, **kwargs)
+    return DDPM(
+        net, DiscreteSchedule(num_timesteps=100), sigma_data=0.5, ema_decay=0.9, ema_warmup=False, **kwargs
+    )
 
 
 def test_bf16_mixed_runs_the_net_in_bf16_on_cpu_and_keeps_fp32_weights():
@@ -134,10 +136,10 @@ def test_channels_last_converts_weights_ema_and_inputs_and_trains_like_contiguou
 
 
 def test_channels_last_leaves_vector_nets_alone():
-    model = ScoreSDE(tiny_mlp(), channels_last=True)
+    model = ScoreSDE(tiny_mlp(), sigma_data=0.5, channels_last=True)
     x = vectors()[:8]
     loss = model.loss(x, torch.Generator().manual_seed(0))
-    expected = ScoreSDE(tiny_mlp()).loss(x, torch.Generator().manual_seed(0))
+    expected = ScoreSDE(tiny_mlp(), sigma_data=0.5).loss(x, torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss, expected)
 
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import compose_train
 from hydra.utils import instantiate
+from torch.distributions import MultivariateNormal
 
 from lightning_diff.diffusion import (
     SDE,
@@ -296,14 +297,16 @@ def test_unknown_corrector_norms_is_a_config_error():
 # ---- the model ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("prediction", ["eps", "edm", "x0", "v"])
 @pytest.mark.parametrize("weighting", ["std2", "likelihood"])
 @pytest.mark.parametrize("name", list(SDES))
-def test_loss_is_weighted_denoising_score_matching(name, weighting):
-    """Recompute Song et al. eq. 7 with the score written out: lambda(t) ||s_theta + n / std||^2."""
+def test_loss_is_weighted_denoising_score_matching(name, weighting, prediction):
+    """Recompute Song et al. eq. 7 with the score written out, lambda(t) ||s_theta + n / std||^2, in
+    the SDE's coordinates, whatever the network predicts: the weighting is the paper's objective."""
     sde = SDES[name]()
     net = MLP(2, hidden_dim=16, num_layers=1)
     torch.nn.init.normal_(net.output_proj.weight)  # a net that does not output zeros
-    model = ScoreSDE(net, sde, weighting=weighting)
+    model = ScoreSDE(net, sde, prediction=prediction, weighting=weighting, sigma_data=0.7)
     x0 = torch.randn(64, 2)
     loss = model.loss(x0, torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
@@ -311,17 +314,27 @@ def test_loss_is_weighted_denoising_score_matching(name, weighting):
     noise = torch.randn(64, 2, generator=gen)
     alpha, std = sde.marginal(t)
     z = (alpha[:, None] * x0 + std[:, None] * noise).float()
-    score = SDEDenoiser(net, sde).score_z(z, t).double()
+    score = model.denoiser(use_ema=False).score_z(z, t).double()
     lam = std**2 if weighting == "std2" else sde.diffusion(t) ** 2
     ref = lam * (score + noise.double() / std[:, None]).pow(2).mean(1)
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-3, atol=1e-6)
 
 
 def test_clip_denoised_clamps_sampling_but_not_the_loss():
-    model = ScoreSDE(MLP(2, hidden_dim=16, num_layers=1), VESDE(), clip_denoised=True)
-    assert model.loss(torch.randn(8, 2) * 3).shape == (8,)
+    def model(clip):
+        torch.manual_seed(0)
+        net = MLP(2, hidden_dim=16, num_layers=1)
+        torch.nn.init.normal_(net.output_proj.weight)
+        return ScoreSDE(net, VESDE(), sigma_data=1.0, clip_denoised=clip)
+
+    clipped, plain = model(True), model(False)
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(2)) * 3  # well outside [-1, 1]
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    torch.testing.assert_close(clipped.loss(x0, gen()), plain.loss(x0, gen()))
     x = torch.full((4, 2), 5.0)
-    assert model.denoiser()(x, torch.full((4,), 0.1)).abs().max() <= 1.0
+    sigma = torch.full((4,), 0.1)
+    assert clipped.denoiser()(x, sigma).abs().max() <= 1.0
+    assert plain.denoiser()(x, sigma).abs().max() > 1.0  # the clamp is what bounds it
 
 
 def test_unknown_weighting_is_a_config_error():
@@ -332,8 +345,7 @@ def test_unknown_weighting_is_a_config_error():
 @pytest.mark.parametrize("name", list(SDES))
 def test_short_training_run_learns_the_data(name, tmp_path):
     """300 steps on the 8-Gaussian mixture (radius 4): the loss falls and Euler-Maruyama samples are
-    far closer to the data than N(0, I), the VP prior in its own coordinates (measured sliced
-    Wasserstein: 0.45-0.6 for the samples, 1.9 for the standard normal)."""
+    far closer to the data than the moment-matched Gaussian, which has learned none of the modes."""
     overrides = [
         "model=score_sde",
         f"model/sde={name}",
@@ -356,9 +368,10 @@ def test_short_training_run_learns_the_data(name, tmp_path):
     assert isinstance(model, ScoreSDE) and type(model.sde) is SDES[name]
 
     untrained = instantiate(cfg.model, net=instantiate(cfg.net, data_shape=(2,)))
+    untrained.fit_data(objects["datamodule"].train_tensor())
     before = untrained.loss(data, torch.Generator().manual_seed(1)).mean()
     after = model.loss(data, torch.Generator().manual_seed(1)).mean()
-    assert after < 0.8 * before
+    assert after < 0.95 * before  # edm targets keep an irreducible unit variance at high noise
 
     samples, nfe = model.sample(
         2000, (2,), Sampler(sample_euler_maruyama, 100), torch.Generator().manual_seed(2)
@@ -368,8 +381,11 @@ def test_short_training_run_learns_the_data(name, tmp_path):
     def distance(x):
         return sliced_wasserstein(x, data, generator=torch.Generator().manual_seed(3)).item()
 
-    baseline = distance(torch.randn(2000, 2, generator=torch.Generator().manual_seed(4)))
-    assert distance(samples) < 0.5 * baseline
+    # The adversary: the data's own Gaussian (its mean and covariance), which has learned no mode.
+    gaussian = MultivariateNormal(data.mean(0).double(), torch.cov(data.T.double()))
+    torch.manual_seed(4)
+    baseline = distance(gaussian.sample((2000,)).float())
+    assert distance(samples) < 0.6 * baseline
 
 
 # ---- configs --------------------------------------------------------------------------------
@@ -380,6 +396,7 @@ def test_short_training_run_learns_the_data(name, tmp_path):
 def test_every_sde_composes_with_every_sampler(name, sampler):
     cfg = compose_train(["model=score_sde", f"model/sde={name}", f"sampler={sampler}", "data=moons"])
     model = instantiate(cfg.model, net=instantiate(cfg.net, data_shape=(2,)))
+    model.fit_data(torch.randn(64, 2))
     assert isinstance(model.sde, SDE) and type(model.sde) is SDES[name] and model.schedule is model.sde
     samples, _ = model.sample(4, (2,), generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, 2) and torch.isfinite(samples).all()
@@ -389,5 +406,6 @@ def test_every_sde_composes_with_every_sampler(name, sampler):
 def test_sde_samplers_run_on_a_ddpm_model(sampler):
     cfg = compose_train(["model=ddpm", f"sampler={sampler}", "data=moons"])
     model = instantiate(cfg.model, net=instantiate(cfg.net, data_shape=(2,)))
+    model.fit_data(torch.randn(64, 2))
     samples, _ = model.sample(4, (2,), generator=torch.Generator().manual_seed(0))
     assert samples.shape == (4, 2) and torch.isfinite(samples).all()

@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_diff.diffusion.objectives import Preconditioning, sde_noise_conditioning
 from lightning_diff.diffusion.schedules import DiscreteSchedule
 from lightning_diff.diffusion.sdes import SDE
 from lightning_diff.diffusion.utils import append_dims, as_sigma_batch
-from lightning_diff.errors import ConfigError
-
-PREDICTIONS = ("eps", "x0", "v")
 
 
 class Denoiser(nn.Module):
@@ -50,80 +48,96 @@ class ClampedDenoiser(Denoiser):
         return self.inner(x, sigma).clamp(self.low, self.high)
 
 
-class VPDenoiser(Denoiser):
-    """Adapts a discrete-time variance-preserving network (DDPM) to the denoiser interface.
+class PreconditionedDenoiser(Denoiser):
+    """A network as a denoiser through a :class:`~lightning_diff.diffusion.objectives.Preconditioning`:
+    ``D = mu + c_skip (x - mu) + c_out F(c_in (x - mu), c_noise)`` (Karras et al. 2022, eq. 7).
 
-    The network sees ``z = x / sqrt(1 + sigma^2)`` (so ``alpha_bar = 1 / (1 + sigma^2)``) and the
-    fractional timestep of ``sigma`` on its schedule, and predicts ``eps``, ``x0`` or
-    ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0`` (Salimans & Ho 2022, eq. 12 of
-    arXiv 2202.00512).
+    Subclasses give the family's coordinates: :meth:`coordinates` maps ``sigma`` to the signal
+    coefficient ``alpha`` of ``z = alpha x`` (what an ``eps``/``x0`` network sees) and the network's
+    time conditioning ``c_noise``.
     """
 
-    def __init__(self, net: nn.Module, schedule: DiscreteSchedule, prediction: str = "eps"):
+    def __init__(self, net: nn.Module, preconditioning: Preconditioning):
         super().__init__()
-        if prediction not in PREDICTIONS:
-            raise ConfigError(f"unknown prediction {prediction!r}: use one of {', '.join(PREDICTIONS)}")
         self.net = net
+        self.preconditioning = preconditioning
+
+    def coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(alpha, c_noise)`` for per-sample ``sigma`` (float64)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        sigma = as_sigma_batch(sigma, x)
+        alpha, c_noise = self.coordinates(sigma.to(torch.float64))
+        c_skip, c_out, c_in = (
+            append_dims(c.to(x.dtype), x.ndim) for c in self.preconditioning.coefficients(sigma, alpha)
+        )
+        mu = self.preconditioning.offset(x)
+        centred = x if mu is None else x - mu
+        out = c_skip * centred + c_out * self.net(c_in * centred, c_noise.to(x.dtype))
+        return out if mu is None else out + mu
+
+
+class VPDenoiser(PreconditionedDenoiser):
+    """A discrete-time variance-preserving network (DDPM) as a denoiser.
+
+    ``alpha_bar = 1 / (1 + sigma^2)``; the network is conditioned on the fractional timestep of
+    ``sigma`` on its schedule. With ``eps``, ``x0`` or ``v`` it sees ``z = sqrt(alpha_bar) x`` and
+    predicts the noise, the data or ``v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0`` (Salimans &
+    Ho 2022, eq. 12), exactly as a DDPM of diffusers' schedulers; with ``edm`` it is preconditioned as
+    in Karras et al. 2022 (``sigma_data``, ``mean``: see ``Preconditioning``).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: DiscreteSchedule,
+        prediction: str = "eps",
+        sigma_data: float = 1.0,
+        mean: Tensor | None = None,
+    ):
+        super().__init__(net, Preconditioning(prediction, sigma_data, mean))
         self.schedule = schedule
         self.prediction = prediction
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        sigma = as_sigma_batch(sigma, x)
-        c_noise = self.schedule.sigma_to_t(sigma).to(x.dtype)
-        s64 = sigma.to(torch.float64)
-        sqrt_ab = (1 / (1 + s64**2)).sqrt()
-        sqrt_1mab = (s64**2 / (1 + s64**2)).sqrt()
-        sqrt_ab, sqrt_1mab = (append_dims(v.to(x.dtype), x.ndim) for v in (sqrt_ab, sqrt_1mab))
-        z = x * sqrt_ab
-        out = self.net(z, c_noise)
-        if self.prediction == "eps":
-            return x - append_dims(sigma, x.ndim) * out
-        if self.prediction == "x0":
-            return out
-        return sqrt_ab * z - sqrt_1mab * out
+    def coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        return (1 + sigma**2).rsqrt(), self.schedule.sigma_to_t(sigma)
 
 
-class SDEDenoiser(Denoiser):
-    """Adapts a continuous-time score-SDE network (Song et al. 2021, arXiv 2011.13456) to the interface.
+class SDEDenoiser(PreconditionedDenoiser):
+    """A continuous-time score-SDE network (Song et al. 2021, arXiv 2011.13456) as a denoiser.
 
-    The network works in the SDE's own coordinates: at ``t = sde.t_of_sigma(sigma)`` it sees
-    ``z = alpha_t x`` and ``c_noise = 999 t``, and predicts the noise ``n`` of
-    ``z = alpha_t x0 + std_t n``, so its score is ``score_z = -eps / std_t`` (the reference code's
-    ``score = -model / std``). The noise is the same ``n`` as in ``x = x0 + sigma n``, hence
-    ``D(x, sigma) = x - sigma eps``.
-
-    ``c_noise = 999 t`` is what the reference code feeds its VP and sub-VP nets. For VE we keep it too
-    rather than ``log sigma``: ``t`` is affine in ``log sigma`` there, so ``999 t`` carries the same
-    information, rescaled to the range the sinusoidal embedding is built for. The net itself stays
-    agnostic of the choice.
+    At ``t = sde.t_of_sigma(sigma)`` the network is conditioned on ``c_noise = 999 t`` (what the
+    reference code feeds its VP and sub-VP nets; for VE ``t`` is affine in ``log sigma``, so it
+    carries the same information, rescaled to the range the sinusoidal embedding is built for).
+    With ``eps`` (the paper's parameterisation) it sees ``z = alpha_t x`` and predicts the noise
+    ``n`` of ``z = alpha_t x0 + std_t n``, the same ``n`` as in ``x = x0 + sigma n``, so its score is
+    the reference code's ``score = -model / std``; ``edm`` is the default of ``model=score_sde``.
     """
 
-    def __init__(self, net: nn.Module, sde: SDE):
-        super().__init__()
-        self.net = net
+    def __init__(
+        self,
+        net: nn.Module,
+        sde: SDE,
+        prediction: str = "eps",
+        sigma_data: float = 1.0,
+        mean: Tensor | None = None,
+    ):
+        super().__init__(net, Preconditioning(prediction, sigma_data, mean))
         self.sde = sde
+        self.prediction = prediction
 
-    @staticmethod
-    def c_noise(t: Tensor) -> Tensor:
-        """The network's noise conditioning at SDE time ``t``."""
-        return 999 * t
-
-    def eps_z(self, z: Tensor, t: Tensor) -> Tensor:
-        """The network's noise prediction at time ``t`` (B,) in the SDE's coordinates (used by the loss)."""
-        return self.net(z, self.c_noise(t.to(torch.float64)).to(z.dtype))
+    def coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        t = self.sde.t_of_sigma(sigma)
+        return self.sde.marginal(t)[0], sde_noise_conditioning(t)
 
     def score_z(self, z: Tensor, t: Tensor | float) -> Tensor:
-        """``grad_z log p_t(z) ~ -eps / std_t``, the score the reverse SDE of ``sde`` takes."""
+        """``grad_z log p_t(z)``, the score the reverse SDE of ``sde`` takes: the interface's score at
+        ``x = z / alpha_t`` divided by ``alpha_t``."""
         t = torch.as_tensor(t, device=z.device).to(torch.float64).expand(z.shape[0])
-        _, std = self.sde.marginal(t)
-        return -self.eps_z(z, t) / append_dims(std.to(z.dtype), z.ndim)
-
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        sigma = as_sigma_batch(sigma, x)
-        t = self.sde.t_of_sigma(sigma.to(torch.float64))
-        alpha, _ = self.sde.marginal(t)
-        eps = self.eps_z(x * append_dims(alpha.to(x.dtype), x.ndim), t)
-        return x - append_dims(sigma, x.ndim) * eps
+        alpha, std = self.sde.marginal(t)
+        x = z / append_dims(alpha.to(z.dtype), z.ndim)
+        return self.score(x, (std / alpha).to(z.dtype)) / append_dims(alpha.to(z.dtype), z.ndim)
 
 
 class GaussianDenoiser(Denoiser):

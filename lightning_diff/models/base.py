@@ -1,8 +1,8 @@
 """What every model family shares: the network and its EMA, the optimiser, sampling, checkpoint metadata.
 
 A family subclasses :class:`DiffusionModule` and provides ``make_denoiser(net)`` (its adapter to the
-denoiser interface), ``schedule`` (an object with ``sampling_sigmas`` and ``prior_std``) and
-``loss(batch, generator)``. Everything downstream (samplers, callbacks, metrics, the CLI) talks to
+denoiser interface), ``schedule`` (an object with ``sampling_sigmas`` and ``prior_std``),
+``loss(batch, generator)`` and, if it needs the training set before training, ``fit_data(train)``. Everything downstream (samplers, callbacks, metrics, the CLI) talks to
 ``denoiser`` and ``sample`` only.
 """
 
@@ -261,6 +261,10 @@ class DiffusionModule(L.LightningModule):
     def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample training loss (B,); ``generator`` makes it deterministic (validation)."""
         raise NotImplementedError
+
+    def fit_data(self, train: Tensor) -> None:
+        """Fit what the family takes from the whole training set before training (``ld-train`` calls
+        it with the training split): statistics, closed-form parameters, kernel centres. No-op here."""
 
     @property
     def training_net(self) -> nn.Module:

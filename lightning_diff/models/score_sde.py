@@ -8,29 +8,30 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diff.diffusion.denoisers import SDEDenoiser
-from lightning_diff.diffusion.random import rand, randn
+from lightning_diff.diffusion.objectives import ContinuousObjective
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.sdes import SDE, VPSDE
-from lightning_diff.diffusion.utils import append_dims
-from lightning_diff.errors import ConfigError
-from lightning_diff.models.base import DiffusionModule
-
-SDE_WEIGHTINGS = ("std2", "likelihood")
+from lightning_diff.models.neural import PreconditionedModule
 
 
-class ScoreSDE(DiffusionModule):
-    """A VP, sub-VP or VE score SDE trained by denoising score matching.
+class ScoreSDE(PreconditionedModule):
+    """A VP, sub-VP or VE score SDE trained by denoising score matching, ``t ~ U(train_eps, T)``.
 
     The SDE is also the model's ``schedule`` (it provides ``sampling_sigmas`` and ``prior_std``), so
     every sampler of the package runs on it, the reverse-SDE samplers as well as DDIM and ancestral
     sampling.
 
     Args:
-        net: network called as ``net(z_t, 999 t)`` that predicts the noise of ``z_t`` (see
-            :class:`~lightning_diff.diffusion.denoisers.SDEDenoiser`).
+        net: network called as ``net(input, 999 t)``.
         sde: the forward SDE (:class:`~lightning_diff.diffusion.sdes.VPSDE` by default).
-        weighting: ``std2`` (``lambda(t) = std_t^2``, the paper's default) or ``likelihood``
-            (``lambda(t) = g(t)^2``, Song, Durkan, Murray & Ermon 2021, arXiv 2101.09258, Thm. 1).
+        prediction: ``edm`` (Karras et al. 2022 preconditioning, the default), ``eps`` (the paper's:
+            the noise of ``z_t = alpha_t x0 + std_t n``), ``x0`` or ``v``.
+        weighting: ``simple`` (unit weight on the network's target; with ``eps`` this is the paper's
+            ``lambda(t) = std_t^2``), ``std2`` (that ``lambda`` in any parameterisation),
+            ``likelihood`` (``lambda(t) = g(t)^2``, Song, Durkan, Murray & Ermon 2021, Thm. 1) or
+            ``min_snr`` (cap ``min_snr_gamma``); see :mod:`lightning_diff.diffusion.objectives`.
+        sigma_data, center: the ``edm`` preconditioning's data scale and offset
+            (see :class:`~lightning_diff.models.neural.PreconditionedModule`).
         The rest (optimizer, EMA, sampler, clip_denoised, compile, channels_last) as in
             :class:`DiffusionModule`.
     """
@@ -39,7 +40,11 @@ class ScoreSDE(DiffusionModule):
         self,
         net: nn.Module,
         sde: SDE | None = None,
-        weighting: str = "std2",
+        prediction: str = "edm",
+        weighting: str = "simple",
+        min_snr_gamma: float = 5.0,
+        sigma_data: float | None = None,
+        center: bool = True,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_warmup_steps: int = 0,
         ema_decay: float = 0.999,
@@ -51,42 +56,22 @@ class ScoreSDE(DiffusionModule):
     ):
         super().__init__(
             net,
-            optimizer,
-            lr_warmup_steps,
-            ema_decay,
-            ema_warmup,
-            sampler,
-            clip_denoised,
+            prediction,
+            sigma_data,
+            center,
+            optimizer=optimizer,
+            lr_warmup_steps=lr_warmup_steps,
+            ema_decay=ema_decay,
+            ema_warmup=ema_warmup,
+            sampler=sampler,
+            clip_denoised=clip_denoised,
             compile=compile,
             channels_last=channels_last,
         )
-        if weighting not in SDE_WEIGHTINGS:
-            raise ConfigError(f"model.weighting={weighting!r} is not one of {', '.join(SDE_WEIGHTINGS)}")
         self.sde = sde or VPSDE()
         self.schedule = self.sde
+        self.objective = ContinuousObjective(self.sde, weighting, min_snr_gamma)
         self.weighting = weighting
 
-    def make_denoiser(self, net: nn.Module) -> SDEDenoiser:
-        return SDEDenoiser(net, self.sde)
-
-    def loss(self, batch: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Denoising score matching (Song et al. 2021, eq. 7), per sample.
-
-        ``t ~ U(train_eps, 1)``, ``z_t = alpha_t x0 + std_t n`` and the loss is
-        ``lambda(t) ||score_theta(z_t, t) + n / std_t||^2`` averaged over dimensions. With the score
-        ``-eps_theta / std_t`` this equals ``lambda(t) / std_t^2 ||eps_theta - n||^2``, which is how it
-        is computed (no division by a small ``std_t``): the weight is 1 for ``std2``, so the loss is
-        the noise-prediction MSE, and ``g(t)^2 / std_t^2`` for ``likelihood``.
-        """
-        x0 = batch
-        u = rand((x0.shape[0],), generator, device=x0.device, dtype=x0.dtype)
-        t = self.sde.train_eps + (self.sde.T - self.sde.train_eps) * u.to(torch.float64)
-        noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
-        alpha, std = self.sde.marginal(t)
-        z = append_dims(alpha.to(x0.dtype), x0.ndim) * x0 + append_dims(std.to(x0.dtype), x0.ndim) * noise
-        eps = self.make_denoiser(self.training_net).eps_z(z, t)
-        mse = (eps - noise).pow(2).flatten(1).mean(1)
-        if self.weighting == "std2":
-            return mse
-        weight = self.sde.diffusion(t) ** 2 / std**2
-        return weight.to(mse.dtype) * mse
+    def adapter(self, net: nn.Module, sigma_data: float, mean: Tensor | None) -> SDEDenoiser:
+        return SDEDenoiser(net, self.sde, self.prediction, sigma_data, mean)
