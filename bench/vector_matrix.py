@@ -96,7 +96,7 @@ def run_cell(model_name, data_kind, path, steps, seed, num_samples, samplers, ru
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             scfg = compose("train", overrides=[f"sampler={name}"])
         sampler = instantiate(scfg.sampler)
-        x, nfe = generate(model, range(num_samples), (2,), sampler, 1000 + seed, 2000, True)
+        x, nfe = generate(model, range(num_samples), (2,), sampler, 1000 + seed, num_samples, True)
         x = x.double()
         cell = {"far": outlier_fraction(x, train_x), "nfe": nfe, "train_s": train_s}
         if data_kind == "gauss":

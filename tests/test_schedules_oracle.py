@@ -117,3 +117,26 @@ def test_ddim_trajectory_matches_diffusers(eta):
     out, nfe = sample_ddim(VPDenoiser(net, schedule), x, sigmas, torch.Generator().manual_seed(3), eta=eta)
     assert nfe == 20
     torch.testing.assert_close(out, sample, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("prediction", "prediction_type"), [("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")]
+)
+@pytest.mark.parametrize("t", [980, 500, 20])
+def test_ddim_step_matches_diffusers_for_each_prediction_type(prediction, prediction_type, t):
+    """One deterministic DDIM step from a network output read as eps, x0 or v, against diffusers'
+    DDIMScheduler with the same prediction_type (leading spacing, 50 steps: t -> t - 20)."""
+    schedule = DiscreteSchedule("linear")
+    gen = torch.Generator().manual_seed(t)
+    z = torch.randn(16, 2, generator=gen)
+    output = torch.randn(16, 2, generator=gen)
+    ref = DDIMScheduler(
+        num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True, prediction_type=prediction_type
+    )
+    ref.set_timesteps(50)
+    expected = ref.step(output, t, z, eta=0.0).prev_sample
+
+    sigmas = torch.stack([schedule.sigmas[t], schedule.sigmas[t - 20]])
+    x = z * (1 + sigmas[0] ** 2).sqrt().float()
+    out, _ = sample_ddim(VPDenoiser(ConstantEps(output), schedule, prediction), x, sigmas)
+    torch.testing.assert_close(out / (1 + sigmas[1] ** 2).sqrt().float(), expected, rtol=1e-4, atol=1e-4)
