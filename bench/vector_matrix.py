@@ -162,8 +162,10 @@ def main(argv):
                 row = [model_name, sampler, cells[0]["nfe"], spread([c["far"] for c in cells], pct=True)]
                 row += [spread([c[s] for c in cells], pct=s == "between") for s in stats]
                 rows.append(row)
-        print(f"\n{data_kind}: {args['num_train']} training points, {args['steps']} steps, "
-              f"{args['num_samples']} samples, seeds {args['seeds']}")
+        print(
+            f"\n{data_kind}: {args['num_train']} training points, {args['steps']} steps, "
+            f"{args['num_samples']} samples, seeds {args['seeds']}"
+        )
         print(table(header, rows))
 
 

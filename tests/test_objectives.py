@@ -90,7 +90,9 @@ def test_edm_network_input_and_target_have_unit_variance_at_every_noise_level(si
     model.fit_data(data)
     mean, scale = data_statistics(data)
     assert scale == pytest.approx(math.sqrt((4 + 0.09) / 2), rel=0.01)
-    torch.testing.assert_close(model.data_mean, torch.tensor([5.0, -4.0], dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(
+        model.data_mean, torch.tensor([5.0, -4.0], dtype=torch.float64), atol=0.02, rtol=0
+    )
     den = model.make_denoiser(net)
     x = data + sigma * torch.randn(data.shape, generator=gen)
     den(x, torch.full((len(x),), sigma))
@@ -132,7 +134,9 @@ def test_ddpm_loss_is_the_weighted_denoising_error(prediction, weighting):
     sigma = ((1 - ab) / ab).sqrt()
     den = model.denoiser(use_ema=False)
     error = (den(x0 + sigma[:, None].float() * noise, sigma.float()).double() - x0.double()).pow(2).mean(1)
-    torch.testing.assert_close(loss.double(), expected_weight(prediction, weighting, sigma) * error, rtol=2e-3, atol=1e-7)
+    torch.testing.assert_close(
+        loss.double(), expected_weight(prediction, weighting, sigma) * error, rtol=2e-3, atol=1e-7
+    )
 
 
 def test_eps_loss_is_the_noise_mse_of_ho_et_al():

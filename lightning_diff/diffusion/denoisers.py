@@ -57,10 +57,13 @@ class PreconditionedDenoiser(Denoiser):
     time conditioning ``c_noise``.
     """
 
-    def __init__(self, net: nn.Module, preconditioning: Preconditioning):
+    def __init__(
+        self, net: nn.Module, prediction: str = "eps", sigma_data: float = 1.0, mean: Tensor | None = None
+    ):
         super().__init__()
         self.net = net
-        self.preconditioning = preconditioning
+        self.prediction = prediction
+        self.preconditioning = Preconditioning(prediction, sigma_data, mean)
 
     def coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """``(alpha, c_noise)`` for per-sample ``sigma`` (float64)."""
@@ -94,11 +97,10 @@ class VPDenoiser(PreconditionedDenoiser):
         schedule: DiscreteSchedule,
         prediction: str = "eps",
         sigma_data: float = 1.0,
-        mean: Tensor | None = None,
+        mean=None,
     ):
-        super().__init__(net, Preconditioning(prediction, sigma_data, mean))
+        super().__init__(net, prediction, sigma_data, mean)
         self.schedule = schedule
-        self.prediction = prediction
 
     def coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         return (1 + sigma**2).rsqrt(), self.schedule.sigma_to_t(sigma)
@@ -115,17 +117,9 @@ class SDEDenoiser(PreconditionedDenoiser):
     the reference code's ``score = -model / std``; ``edm`` is the default of ``model=score_sde``.
     """
 
-    def __init__(
-        self,
-        net: nn.Module,
-        sde: SDE,
-        prediction: str = "eps",
-        sigma_data: float = 1.0,
-        mean: Tensor | None = None,
-    ):
-        super().__init__(net, Preconditioning(prediction, sigma_data, mean))
+    def __init__(self, net: nn.Module, sde: SDE, prediction: str = "eps", sigma_data: float = 1.0, mean=None):
+        super().__init__(net, prediction, sigma_data, mean)
         self.sde = sde
-        self.prediction = prediction
 
     def coordinates(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
         t = self.sde.t_of_sigma(sigma)

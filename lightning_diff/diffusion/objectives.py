@@ -225,7 +225,7 @@ class ContinuousObjective:
         u = rand((batch_size,), generator, device=device, dtype=dtype)
         t = self.sde.train_eps + (self.sde.T - self.sde.train_eps) * u.to(torch.float64)
         alpha, std = self.sde.marginal(t)
-        sigma = std / alpha
+        sigma = self.sde.sigma(t)
         weight = None
         if self.weighting == "std2":
             weight = sigma**-2

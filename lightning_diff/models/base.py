@@ -2,8 +2,9 @@
 
 A family subclasses :class:`DiffusionModule` and provides ``make_denoiser(net)`` (its adapter to the
 denoiser interface), ``schedule`` (an object with ``sampling_sigmas`` and ``prior_std``),
-``loss(batch, generator)`` and, if it needs the training set before training, ``fit_data(train)``. Everything downstream (samplers, callbacks, metrics, the CLI) talks to
-``denoiser`` and ``sample`` only.
+``loss(batch, generator)`` and, if it needs the training set before training, ``fit_data(train)``.
+Everything downstream (samplers, callbacks, metrics, the CLI) talks to ``denoiser`` and ``sample``
+only.
 """
 
 from __future__ import annotations
