@@ -17,7 +17,7 @@ def labels(overrides):
 def test_default_labels_name_family_data_size_and_sampler():
     assert labels(["data=digits", "model=ddpm", "data.num_train=128"]) == {
         "group": "digits-DDPM",
-        "tags": ["DDPM", "digits", "num_train=128", "sampler=ddim"],
+        "tags": ["DDPM", "digits", "num_train=128", "sampler=heun"],
     }
     assert labels(["data=moons", "model=score_sde", "sampler=teleport_heun"]) == {
         "group": "twomoons-ScoreSDE",
@@ -59,7 +59,7 @@ def test_offline_wandb_run_has_group_tags_and_config(tmp_path):
     run = logger.experiment
     try:
         assert run.group == "twomoons-DDPM"
-        assert set(run.tags) == {"DDPM", "twomoons", "num_train=32", "sampler=ddim"}
+        assert set(run.tags) == {"DDPM", "twomoons", "num_train=32", "sampler=heun"}
         assert run.config["data"]["num_train"] == 32
         assert run.config["model"]["_target_"] == "lightning_diff.models.DDPM"
         assert run.config["logger"]["wandb"]["group"] == "twomoons-DDPM"

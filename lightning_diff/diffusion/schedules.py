@@ -17,9 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_diff.diffusion.sdes import karras_sigmas, vp_sigmas
 from lightning_diff.errors import ConfigError
 
+# Integer timesteps of the schedule (``timesteps``), then continuous levels in its sigma range.
 SPACINGS = ("leading", "trailing", "linspace", "uniform")
+CONTINUOUS_SPACINGS = ("karras", "vp")
 
 
 def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -117,12 +120,27 @@ class DiscreteSchedule(nn.Module):
         elif spacing in ("linspace", "uniform"):
             ts = np.linspace(0, T - 1, num_steps).round()
         else:
-            raise ConfigError(f"unknown timestep spacing {spacing!r}: use one of {', '.join(SPACINGS)}")
+            choices = ", ".join(SPACINGS + CONTINUOUS_SPACINGS)
+            raise ConfigError(f"unknown timestep spacing {spacing!r}: use one of {choices}")
         return torch.as_tensor(ts[::-1].copy(), dtype=torch.long)
 
     def sampling_sigmas(self, num_steps: int, spacing: str = "leading") -> Tensor:
-        """The sampler's noise levels: the chosen timesteps' sigmas, descending, then a final 0."""
-        sig = self.sigmas[self.timesteps(num_steps, spacing).to(self.sigmas.device)]
+        """The sampler's noise levels, descending, then a final 0.
+
+        ``leading``, ``trailing``, ``linspace`` (``uniform``): the sigmas of :meth:`timesteps`, the
+        trained levels. ``karras`` (Karras et al. 2022 eq. 5, ``rho = 7``) and ``vp``
+        (:func:`~lightning_diff.diffusion.sdes.vp_sigmas`, uniform in the VP SDE's time; for the
+        linear schedule within 1.1% of ``linspace``'s levels): ``num_steps`` continuous levels from
+        ``sigma_max`` to ``sigma_min``, between the trained ones; the DDPM denoiser takes the
+        fractional timestep of any sigma in that range (:meth:`sigma_to_t`).
+        """
+        if spacing in CONTINUOUS_SPACINGS:
+            if num_steps < 1:
+                raise ConfigError(f"num_steps={num_steps} must be at least 1")
+            grid = karras_sigmas if spacing == "karras" else vp_sigmas
+            sig = grid(self.sigma_min, self.sigma_max, num_steps).to(self.sigmas.device)
+        else:
+            sig = self.sigmas[self.timesteps(num_steps, spacing).to(self.sigmas.device)]
         return torch.cat([sig, sig.new_zeros(1)])
 
     def prior_std(self, sigma: Tensor | float) -> Tensor:

@@ -15,10 +15,17 @@ convention); the distances over coordinates compare with the held-out split. ``b
 reports what real data score: held-out data in the Frechet distance, training data in the sliced
 Wasserstein distance (with at most as many points as there are held-out samples; both distances
 shrink as the number of points grows, so compare at equal counts).
+
+Without a held-out split (``data.val_fraction=0``, or fewer than two held-out samples) the training
+set never stands in for it silently: the baselines are omitted (held-out data scored against
+themselves give 0), and the distances that would use the held-out split are computed against the
+training set and named for it (``sliced_wasserstein_vs_train``, ``mmd_vs_train``,
+``tv_hist_vs_train``). One info line says so.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -31,6 +38,12 @@ from lightning_diff.metrics.memorization import Memorization
 from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
 
 FEATURE_SPACES = ("auto", "raw", "digits_cnn")
+# The metrics whose reference is the held-out split; without one they are computed against the
+# training set and carry this suffix.
+HELDOUT_REFERENCED = ("sliced_wasserstein", "mmd", "tv_hist")
+VS_TRAIN = "_vs_train"
+
+log = logging.getLogger("lightning_diff.metrics")
 
 
 def resolve_feature_space(space: str, data_name: str, is_image: bool) -> str:
@@ -53,8 +66,9 @@ class EvaluationSuite(nn.Module):
     """Metrics of generated samples against a data set's training and held-out splits.
 
     Args:
-        train, heldout: the data's splits in data space (held-out may be empty: the training set
-            stands in).
+        train, heldout: the data's splits in data space. Without a held-out split (None, or fewer
+            than two samples) the baselines are omitted and the held-out-referenced distances are
+            computed against the training set under ``<name>_vs_train`` (see the module docstring).
         log_prob: the data's exact log density, or None.
         feature_space: see :func:`feature_extractor`.
         kid: also compute the kernel distance in the feature space.
@@ -78,9 +92,13 @@ class EvaluationSuite(nn.Module):
     ):
         super().__init__()
         train = train.float()
-        heldout = heldout.float() if heldout is not None and len(heldout) > 1 else train
+        self.has_heldout = heldout is not None and len(heldout) > 1
+        # Without a held-out split the distances below compare with the training set, and say so.
+        self.heldout = heldout.float() if self.has_heldout else None
+        reference = self.heldout if self.has_heldout else train
+        self.suffix = "" if self.has_heldout else VS_TRAIN
         self.is_image = train.ndim == 4
-        self.train, self.heldout = train, heldout
+        self.train = train
         extractor = feature_extractor(feature_space, data_name, self.is_image)
         dim = int(train[:1].reshape(1, -1).shape[1]) if isinstance(extractor, RawFeatures) else None
         self.frechet = FrechetDistance(extractor, feature_dim=dim, reset_real_features=False)
@@ -90,14 +108,27 @@ class EvaluationSuite(nn.Module):
         if self.kid is not None:
             self.kid.update(self._kid_reference, real=True)
         self.memorization = Memorization(train)
-        self.sliced_wasserstein = SlicedWasserstein(heldout, seed=seed)
+        self.sliced_wasserstein = SlicedWasserstein(reference, seed=seed)
         self.vector_metrics = nn.ModuleDict()
         if not self.is_image:
-            self.vector_metrics["mmd"] = MMD(heldout, seed=seed)
+            self.vector_metrics["mmd"] = MMD(reference, seed=seed)
             if train.shape[1] == 2:
-                self.vector_metrics["tv_hist"] = HistogramTV(heldout, bins=16)
-            if log_prob is not None and log_prob(heldout[:2]) is not None:
+                self.vector_metrics["tv_hist"] = HistogramTV(reference, bins=16)
+            if log_prob is not None and log_prob(train[:2]) is not None:
                 self.vector_metrics["data_log_prob"] = DataLogLikelihood(log_prob)
+        if not self.has_heldout and rank == 0:
+            named = [f"{name}{VS_TRAIN}" for name in self._heldout_referenced()]
+            log.info(
+                "no held-out split (data.val_fraction=0): omitting %s_heldout and sliced_wasserstein_train, "
+                "and reporting %s against the training set; set data.val_fraction=0.1 (or any value "
+                "above 0) for the held-out metrics",
+                self.frechet.key,
+                ", ".join(named),
+            )
+
+    def _heldout_referenced(self) -> list[str]:
+        """Names of this suite's metrics that take the held-out split as their reference."""
+        return ["sliced_wasserstein"] + [k for k in self.vector_metrics if k in HELDOUT_REFERENCED]
 
     def _set_frechet_reference(self, train: Tensor, cache: str | Path | None) -> None:
         path = Path(cache) if cache else None
@@ -141,8 +172,10 @@ class EvaluationSuite(nn.Module):
             mean, std = self.kid.compute()
             out[f"{self.kid.key}_mean"], out[f"{self.kid.key}_std"] = float(mean), float(std)
         out.update({k: float(v) for k, v in self.memorization.compute().items()})
-        out["sliced_wasserstein"] = float(self.sliced_wasserstein.compute())
-        out.update({k: float(m.compute()) for k, m in self.vector_metrics.items()})
+        out[f"sliced_wasserstein{self.suffix}"] = float(self.sliced_wasserstein.compute())
+        for key, metric in self.vector_metrics.items():
+            name = f"{key}{self.suffix}" if key in HELDOUT_REFERENCED else key
+            out[name] = float(metric.compute())
         return out
 
     def reset(self) -> None:
@@ -157,7 +190,10 @@ class EvaluationSuite(nn.Module):
         """What real data score with up to ``num_samples`` points (computed locally, no sync): the
         Frechet distance of held-out data to the training statistics (``fd_<space>_heldout``) and
         the sliced Wasserstein distance of training data to the held-out set
-        (``sliced_wasserstein_train``)."""
+        (``sliced_wasserstein_train``). Empty without a held-out split: there is no real data
+        apart from the training set to score."""
+        if not self.has_heldout:
+            return {}
         fd = FrechetDistance(
             self.frechet.feature_extractor, feature_dim=self.frechet.feature_dim, sync_on_compute=False
         ).to(self.frechet.device)

@@ -1,0 +1,70 @@
+"""Without a held-out split, ``ld-eval`` never lets the training set stand in for it silently.
+
+With ``data.val_fraction=0`` the baselines that score real held-out data (``fd_raw_heldout``,
+``sliced_wasserstein_train``) would compare the training set with itself (0 up to rounding), so they
+are omitted; the distances whose reference is the held-out split are computed against the training
+set and named ``*_vs_train``. With a held-out split everything is reported as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from conftest import compose_named
+
+from lightning_diff.evaluate import evaluate
+
+HELDOUT_ONLY = {"eval/fd_raw_heldout", "eval/sliced_wasserstein_train"}
+HELDOUT_REFERENCED = {"eval/sliced_wasserstein", "eval/mmd", "eval/tv_hist"}
+VS_TRAIN = {"eval/sliced_wasserstein_vs_train", "eval/mmd_vs_train", "eval/tv_hist_vs_train"}
+
+
+@pytest.fixture
+def arrays(tmp_path):
+    """A 2-D data file and a file of "samples" that are not the data (shifted by 0.5)."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(400, 2)).astype(np.float32)
+    samples = (rng.normal(size=(200, 2)) + 0.5).astype(np.float32)
+    np.save(tmp_path / "data.npy", data)
+    np.save(tmp_path / "samples.npy", samples)
+    return tmp_path
+
+
+def overrides(tmp_path, val_fraction: float, out: str) -> list[str]:
+    return [
+        f"samples={tmp_path / 'samples.npy'}",
+        "data=array",
+        f"data.path={tmp_path / 'data.npy'}",
+        f"data.val_fraction={val_fraction}",
+        f"out={tmp_path / out}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "kid=false",
+    ]
+
+
+def test_ld_eval_without_heldout_split_omits_or_renames_heldout_metrics(arrays, caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_diff"):
+        evaluate(compose_named("eval", overrides(arrays, 0.0, "none.json")))
+    keys = set(json.loads((arrays / "none.json").read_text()))
+    assert not keys & HELDOUT_ONLY, keys & HELDOUT_ONLY
+    assert not keys & HELDOUT_REFERENCED, keys & HELDOUT_REFERENCED
+    assert keys >= VS_TRAIN
+    assert {"eval/fd_raw", "eval/memorized_fraction"} <= keys  # training-set metrics stay
+    said = [r.getMessage() for r in caplog.records if "no held-out split" in r.getMessage()]
+    assert len(said) == 1 and "data.val_fraction" in said[0] and "sliced_wasserstein_train" in said[0]
+    # The renamed distances are real distances to the training set: the shifted samples are far.
+    metrics = json.loads((arrays / "none.json").read_text())
+    assert metrics["eval/sliced_wasserstein_vs_train"] > 0.2
+
+
+def test_with_a_heldout_split_every_heldout_metric_is_reported(arrays):
+    metrics = evaluate(compose_named("eval", overrides(arrays, 0.25, "split.json")))
+    keys = {f"eval/{k}" for k in metrics}
+    assert keys >= HELDOUT_ONLY | HELDOUT_REFERENCED
+    assert not keys & VS_TRAIN
+    # Real held-out data score near 0 against the training set; the shifted samples do not.
+    assert metrics["fd_raw_heldout"] > 1e-6 and metrics["fd_raw_heldout"] < metrics["fd_raw"]
+    assert metrics["sliced_wasserstein_train"] < metrics["sliced_wasserstein"]
