@@ -213,6 +213,35 @@ def test_stopped_run_extended_ends_like_a_straight_run(tmp_path, straight_runs, 
     _assert_same_run(straight_runs(tuple(overrides)), run_dir)
 
 
+def test_slurm_requeue_checkpoint_resumes_exactly(tmp_path, monkeypatch, straight_runs):
+    """Under SLURM with auto-requeue, SIGUSR1 during step 7: Lightning's requeue (its hpc_ckpt_1.ckpt
+    and ``scontrol requeue``) runs at the end of that step, training goes on, and resuming from the
+    requeue checkpoint ends bit-identical to a straight run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$0.calls"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "ld-train", "SLURM_JOB_ID": "4242"}
+    for key, value in {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*DEFAULTS, "trainer.max_steps=9"], run_dir)
+    _, first = train(_with_callback(cfg, "signal", SignalAt, step=7, signame="SIGUSR1"))
+    assert first["trainer"].global_step == 9 and first["stopped_by"] is None, "requeued, not stopped"
+    assert (bin_dir / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert read_checkpoint(hpc)["global_step"] == 7
+    assert read_checkpoint(hpc)["SyntheticDataModule"] == {"epoch": 3, "batches": 1}
+    _, second = train(
+        compose_train([*DEFAULTS, f"trainer.max_steps={STRAIGHT_STEPS}", f"resume={hpc}"], run_dir)
+    )
+    assert second["trainer"].global_step == STRAIGHT_STEPS
+    _assert_same_run(straight_runs(tuple(DEFAULTS)), run_dir)
+
+
 class SaveAtLastStepEnd(L.Callback):
     """Writes ``batch_end.ckpt`` at the end of the step that reaches max_steps (as periodic and
     preemption checkpoints are written)."""
