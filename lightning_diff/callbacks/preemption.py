@@ -49,6 +49,7 @@ class PreemptionCheckpoint(L.Callback):
         self._received: int | None = None
         self._previous: dict[int, object] = {}
         self._requeue_signal: int | None = None  # SLURM's, when Lightning requeues on it
+        self.requeued = False
 
     def _handler(self, signum: int, frame) -> None:
         self._received = signum
@@ -104,14 +105,18 @@ class PreemptionCheckpoint(L.Callback):
         if not signum or self.stopped_by is not None:
             return
         if signum == self._requeue_signal:
-            self._received = None  # once per signal; a later SIGTERM stops as usual
-            slurm_requeue(trainer, signum)
-            if trainer.is_global_zero:
-                log.info(
-                    "%s received: requeued under SLURM at step %d",
-                    signal.Signals(signum).name,
-                    trainer.global_step,
-                )
+            # Once per run: the same signal reaching a rank a step later is not a second requeue.
+            # A SIGTERM afterwards still stops and saves as usual.
+            self._received = None
+            if not self.requeued:
+                self.requeued = True
+                slurm_requeue(trainer, signum)
+                if trainer.is_global_zero:
+                    log.info(
+                        "%s: requeued under SLURM at step %d",
+                        signal.Signals(signum).name,
+                        trainer.global_step,
+                    )
             return
         self._save(trainer, signum)
 
