@@ -231,6 +231,8 @@ def test_slurm_requeue_checkpoint_resumes_exactly(tmp_path, monkeypatch, straigh
     cfg = compose_train([*DEFAULTS, "trainer.max_steps=9"], run_dir)
     _, first = train(_with_callback(cfg, "signal", SignalAt, step=7, signame="SIGUSR1"))
     assert first["trainer"].global_step == 9 and first["stopped_by"] is None, "requeued, not stopped"
+    preemption = next(c for c in first["trainer"].callbacks if type(c).__name__ == "PreemptionCheckpoint")
+    assert preemption.requeued
     assert (bin_dir / "scontrol.calls").read_text().split() == ["requeue", "4242"]
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     assert read_checkpoint(hpc)["global_step"] == 7
@@ -240,6 +242,66 @@ def test_slurm_requeue_checkpoint_resumes_exactly(tmp_path, monkeypatch, straigh
     )
     assert second["trainer"].global_step == STRAIGHT_STEPS
     _assert_same_run(straight_runs(tuple(DEFAULTS)), run_dir)
+
+
+TWO_PROCESSES = ("trainer=ddp_cpu",)  # two gloo processes (ddp_spawn)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_process_run_stopped_and_extended_ends_like_a_straight_two_process_run(tmp_path, straight_runs):
+    run_dir = tmp_path / "run"
+    overrides = [*DEFAULTS, *TWO_PROCESSES]
+    train(compose_train(overrides + ["trainer.max_steps=5"], run_dir))
+    assert len(read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["rng_states"]) == 2
+    train(compose_train(overrides + [f"trainer.max_steps={STRAIGHT_STEPS}", "resume=auto"], run_dir))
+    _assert_same_run(straight_runs(tuple(overrides)), run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("counts", [(2, 1), (1, 2)], ids=["2_to_1", "1_to_2"])
+def test_requeue_on_another_process_count_ends_where_a_run_on_the_new_count_would(
+    tmp_path, straight_runs, counts
+):
+    """A run stopped mid-epoch (by the preemption callback at step 7) on one process count and
+    resumed on another continues the same global batches and noise: it ends where a straight run
+    on the new count ends, within the tolerance of tests/test_ddp_equivalence.py. SIGUSR1 rather
+    than SIGTERM: under ddp_spawn, Lightning 2.6 ends the spawned processes on SIGTERM without
+    handing a result back, and the launching process waits for it forever."""
+    import numpy as np
+    from test_ddp_equivalence import LOSS_TOLERANCE, WEIGHT_TOLERANCE
+
+    before, after = ([*TWO_PROCESSES] if n == 2 else [] for n in counts)
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*DEFAULTS, *before, "trainer.max_steps=100"], run_dir)
+    train(_with_callback(cfg, "signal", SignalAt, step=7, signame="SIGUSR1"))
+    saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 7 and len(saved["rng_states"]) == counts[0]
+    assert saved["SyntheticDataModule"] == {"epoch": 3, "batches": 1}
+    resumed = [*DEFAULTS, *after, f"trainer.max_steps={STRAIGHT_STEPS}", "resume=auto"]
+    train(compose_train(resumed, run_dir))
+    straight = straight_runs(tuple([*DEFAULTS, *after]))
+    a = read_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == STRAIGHT_STEPS
+    assert a["SyntheticDataModule"] == b["SyntheticDataModule"] and len(b["rng_states"]) == counts[1]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, **WEIGHT_TOLERANCE, msg=key)
+    losses_a, losses_b = _train_losses(straight), _train_losses(run_dir)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(STRAIGHT_STEPS))
+    steps = range(STRAIGHT_STEPS)
+    np.testing.assert_allclose([losses_b[s] for s in steps], [losses_a[s] for s in steps], **LOSS_TOLERANCE)
+
+
+def test_each_rank_continues_the_rng_states_of_a_saved_rank_on_any_process_count():
+    from lightning_diff.resume import rank_rng_state
+
+    saved = [{"rank": 0}, {"rank": 1}]
+    assert [rank_rng_state(saved, r, 2)["rank"] for r in range(2)] == [0, 1]
+    assert rank_rng_state(saved, 0, 1)["rank"] == 0  # 2 -> 1
+    assert [rank_rng_state(saved[:1], r, 2)["rank"] for r in range(2)] == [0, 0]  # 1 -> 2
+    assert [rank_rng_state(saved, r, 4)["rank"] for r in range(4)] == [0, 1, 0, 1]
 
 
 class SaveAtLastStepEnd(L.Callback):
