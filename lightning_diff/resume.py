@@ -113,7 +113,9 @@ def align_loop_state(checkpoint: dict[str, Any]) -> bool:
     if counters is None:
         if "loops" in checkpoint:
             log.warning(
-                "the checkpoint's loop state is not laid out as expected; resuming without aligning it"
+                "the checkpoint's loop state is not laid out as Lightning 2.5/2.6 writes it, so it is "
+                "restored as it is: if this checkpoint was written as fit ended, resume from a periodic "
+                "step*.ckpt instead for an exact continuation"
             )
         return False
     epochs, batches, loop_state = counters
