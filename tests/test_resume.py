@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 
+import lightning as L
 import pytest
 import torch
 from conftest import compose_train
+from omegaconf import open_dict
 
 from lightning_diff.checkpoints import read_checkpoint
 from lightning_diff.train import train
@@ -76,6 +79,267 @@ def test_stop_and_resume_is_bit_exact(tmp_path, uninterrupted, k):
     assert sorted(losses_a) == sorted(losses_b) == list(range(12))
     for step in range(12):
         assert losses_a[step] == losses_b[step], step
+
+
+# The shipped defaults (sizes and steps aside): periodic checkpoints every 1000 steps, so the last
+# checkpoint of a short run is the one written when fit ends. 2 steps per epoch, as above.
+DEFAULTS = [
+    "data=moons",
+    "data.num_samples=100",
+    "data.batch_size=32",
+    "trainer.deterministic=true",
+    "callbacks.checkpoint.every_n_train_steps=1000",
+    "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.evaluation.num_samples=8",
+]
+STRAIGHT_STEPS = 12
+
+
+class SignalAt(L.Callback):
+    """Sends ``signame`` to this process during step ``step`` (``when=during``) or after that step's
+    end hooks (``when=after``, the preemption callback has already looked at the step by then)."""
+
+    def __init__(self, step: int, signame: str = "SIGTERM", when: str = "during"):
+        self.step, self.signum, self.when = step, getattr(signal, signame), when
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.when == "during" and trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.when == "after" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def _with_callback(cfg, name: str, target: type, **kwargs):
+    with open_dict(cfg):
+        cfg.callbacks[name] = {"_target_": f"{__name__}.{target.__name__}", **kwargs}
+    return cfg
+
+
+def _assert_same_rng_states(a: dict, b: dict) -> None:
+    assert len(a["rng_states"]) == len(b["rng_states"])
+    for sa, sb in zip(a["rng_states"], b["rng_states"], strict=True):
+        assert torch.equal(sa["torch"], sb["torch"])
+        assert sa["numpy"][0] == sb["numpy"][0] and torch.equal(sa["numpy"][1], sb["numpy"][1])
+        assert sa["numpy"][2:] == sb["numpy"][2:] and sa["python"] == sb["python"]
+
+
+def _assert_same_run(straight_dir, resumed_dir, steps: int = STRAIGHT_STEPS) -> None:
+    """Raw and EMA weights, optimiser and scheduler state, data position, RNG states and every
+    logged train/loss of the two runs are identical."""
+    a = read_checkpoint(straight_dir / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(resumed_dir / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == steps
+    _assert_same_state(a, b)
+    assert any(k.startswith("ema.") for k in a["state_dict"])
+    assert a["epoch"] == b["epoch"]
+    assert a["SyntheticDataModule"] == b["SyntheticDataModule"]
+    _assert_same_rng_states(a, b)
+    losses_a, losses_b = _train_losses(straight_dir), _train_losses(resumed_dir)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(steps))
+    assert [losses_a[s] for s in range(steps)] == [losses_b[s] for s in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Uninterrupted runs of ``STRAIGHT_STEPS`` steps, one per base config, made on first use."""
+    runs = {}
+
+    def get(base: tuple[str, ...]):
+        if base not in runs:
+            run_dir = tmp_path_factory.mktemp("straight") / "run"
+            train(compose_train([*base, f"trainer.max_steps={STRAIGHT_STEPS}"], run_dir))
+            runs[base] = run_dir
+        return runs[base]
+
+    return get
+
+
+# How the first run stops: overrides of both runs, of the first run only, the signal it receives,
+# and the checkpoint the second run resumes from (with its step).
+STOPS = {
+    "max_steps_mid_epoch": ([], ["trainer.max_steps=5"], None, ("last.ckpt", 5)),
+    "max_steps_epoch_end": ([], ["trainer.max_steps=6"], None, ("last.ckpt", 6)),  # a validation step too
+    # A run killed at step 7, after its periodic checkpoint of step 5 (mid-epoch).
+    "periodic_mid_epoch": (
+        ["callbacks.checkpoint.every_n_train_steps=5"],
+        ["trainer.max_steps=7"],
+        None,
+        ("step0000005.ckpt", 5),
+    ),
+    "sigterm_during_a_step": ([], ["trainer.max_steps=100"], {"step": 7, "when": "during"}, ("last.ckpt", 7)),
+    "sigterm_after_an_epoch_end": (
+        [],
+        ["trainer.max_steps=100"],
+        {"step": 6, "when": "after"},
+        ("last.ckpt", 6),
+    ),
+}
+BASES = {
+    "default": (),
+    "dropout": ("net.mlp.dropout=0.1",),
+    "score_sde": ("model=score_sde",),
+}
+CASES = [
+    *[("default", stop) for stop in STOPS],
+    ("dropout", "max_steps_mid_epoch"),
+    ("score_sde", "sigterm_during_a_step"),
+]
+
+
+@pytest.mark.parametrize(("base", "stop"), CASES, ids=[f"{b}-{s}" for b, s in CASES])
+def test_stopped_run_extended_ends_like_a_straight_run(tmp_path, straight_runs, base, stop):
+    """Stop a run (by max_steps, after a periodic checkpoint, by SIGTERM), then run the same command
+    with more steps and resume=auto (or the periodic file): it ends bit-identical to an
+    uninterrupted run."""
+    both, first_only, signal_at, (name, saved_step) = STOPS[stop]
+    overrides = [*DEFAULTS, *BASES[base], *both]
+    run_dir = tmp_path / "run"
+    cfg = compose_train(overrides + first_only, run_dir)
+    if signal_at is not None:
+        cfg = _with_callback(cfg, "signal", SignalAt, **signal_at)
+    _, first = train(cfg)
+    assert first["stopped_by"] == ("SIGTERM" if signal_at else None)
+    # last.ckpt holds the step the run ended at, also when periodic checkpoints were written before.
+    assert (
+        read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == first["trainer"].global_step
+    )
+    ckpt = run_dir / "checkpoints" / name
+    assert read_checkpoint(ckpt)["global_step"] == saved_step
+    resume = "resume=auto" if name == "last.ckpt" else f"resume={ckpt}"
+    _, second = train(compose_train(overrides + [f"trainer.max_steps={STRAIGHT_STEPS}", resume], run_dir))
+    assert second["trainer"].global_step == STRAIGHT_STEPS
+    _assert_same_run(straight_runs(tuple(overrides)), run_dir)
+
+
+def test_slurm_requeue_checkpoint_resumes_exactly(tmp_path, monkeypatch, straight_runs):
+    """Under SLURM with auto-requeue, SIGUSR1 during step 7: Lightning's requeue (its hpc_ckpt_1.ckpt
+    and ``scontrol requeue``) runs at the end of that step, training goes on, and resuming from the
+    requeue checkpoint ends bit-identical to a straight run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\necho "$@" >> "$0.calls"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "ld-train", "SLURM_JOB_ID": "4242"}
+    for key, value in {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*DEFAULTS, "trainer.max_steps=9"], run_dir)
+    _, first = train(_with_callback(cfg, "signal", SignalAt, step=7, signame="SIGUSR1"))
+    assert first["trainer"].global_step == 9 and first["stopped_by"] is None, "requeued, not stopped"
+    preemption = next(c for c in first["trainer"].callbacks if type(c).__name__ == "PreemptionCheckpoint")
+    assert preemption.requeued
+    assert (bin_dir / "scontrol.calls").read_text().split() == ["requeue", "4242"]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert read_checkpoint(hpc)["global_step"] == 7
+    assert read_checkpoint(hpc)["SyntheticDataModule"] == {"epoch": 3, "batches": 1}
+    _, second = train(
+        compose_train([*DEFAULTS, f"trainer.max_steps={STRAIGHT_STEPS}", f"resume={hpc}"], run_dir)
+    )
+    assert second["trainer"].global_step == STRAIGHT_STEPS
+    _assert_same_run(straight_runs(tuple(DEFAULTS)), run_dir)
+
+
+TWO_PROCESSES = ("trainer=ddp_cpu",)  # two gloo processes (ddp_spawn)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_process_run_stopped_and_extended_ends_like_a_straight_two_process_run(tmp_path, straight_runs):
+    run_dir = tmp_path / "run"
+    overrides = [*DEFAULTS, *TWO_PROCESSES]
+    train(compose_train(overrides + ["trainer.max_steps=5"], run_dir))
+    assert len(read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["rng_states"]) == 2
+    train(compose_train(overrides + [f"trainer.max_steps={STRAIGHT_STEPS}", "resume=auto"], run_dir))
+    _assert_same_run(straight_runs(tuple(overrides)), run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("counts", [(2, 1), (1, 2)], ids=["2_to_1", "1_to_2"])
+def test_requeue_on_another_process_count_ends_where_a_run_on_the_new_count_would(
+    tmp_path, straight_runs, counts
+):
+    """A run stopped mid-epoch (by the preemption callback at step 7) on one process count and
+    resumed on another continues the same global batches and noise: it ends where a straight run
+    on the new count ends, within the tolerance of tests/test_ddp_equivalence.py. SIGUSR1 rather
+    than SIGTERM: under ddp_spawn, Lightning 2.6 ends the spawned processes on SIGTERM without
+    handing a result back, and the launching process waits for it forever."""
+    import numpy as np
+    from test_ddp_equivalence import LOSS_TOLERANCE, WEIGHT_TOLERANCE
+
+    before, after = ([*TWO_PROCESSES] if n == 2 else [] for n in counts)
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*DEFAULTS, *before, "trainer.max_steps=100"], run_dir)
+    train(_with_callback(cfg, "signal", SignalAt, step=7, signame="SIGUSR1"))
+    saved = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 7 and len(saved["rng_states"]) == counts[0]
+    assert saved["SyntheticDataModule"] == {"epoch": 3, "batches": 1}
+    resumed = [*DEFAULTS, *after, f"trainer.max_steps={STRAIGHT_STEPS}", "resume=auto"]
+    train(compose_train(resumed, run_dir))
+    straight = straight_runs(tuple([*DEFAULTS, *after]))
+    a = read_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == STRAIGHT_STEPS
+    assert a["SyntheticDataModule"] == b["SyntheticDataModule"] and len(b["rng_states"]) == counts[1]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, **WEIGHT_TOLERANCE, msg=key)
+    losses_a, losses_b = _train_losses(straight), _train_losses(run_dir)
+    assert sorted(losses_a) == sorted(losses_b) == list(range(STRAIGHT_STEPS))
+    steps = range(STRAIGHT_STEPS)
+    np.testing.assert_allclose([losses_b[s] for s in steps], [losses_a[s] for s in steps], **LOSS_TOLERANCE)
+
+
+def test_each_rank_continues_the_rng_states_of_a_saved_rank_on_any_process_count():
+    from lightning_diff.resume import rank_rng_state
+
+    saved = [{"rank": 0}, {"rank": 1}]
+    assert [rank_rng_state(saved, r, 2)["rank"] for r in range(2)] == [0, 1]
+    assert rank_rng_state(saved, 0, 1)["rank"] == 0  # 2 -> 1
+    assert [rank_rng_state(saved[:1], r, 2)["rank"] for r in range(2)] == [0, 0]  # 1 -> 2
+    assert [rank_rng_state(saved, r, 4)["rank"] for r in range(4)] == [0, 1, 0, 1]
+
+
+class SaveAtLastStepEnd(L.Callback):
+    """Writes ``batch_end.ckpt`` at the end of the step that reaches max_steps (as periodic and
+    preemption checkpoints are written)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == trainer.max_steps:
+            trainer.save_checkpoint(os.path.join(trainer.default_root_dir, "batch_end.ckpt"))
+
+
+@pytest.mark.parametrize("steps", [5, 6], ids=["mid_epoch", "epoch_end_after_validation"])
+def test_end_of_fit_loop_state_is_aligned_to_the_state_at_the_end_of_its_last_step(tmp_path, steps):
+    """The one place Lightning's checkpoint layout is read (resume.align_loop_state): the loop state
+    saved when fit ends, aligned, equals the one Lightning saves at the end of the same step (a
+    Lightning version that lays out or counts its loops differently fails here)."""
+    from lightning_diff.resume import _fit_loop_counters, align_loop_state
+
+    cfg = _with_callback(
+        compose_train([*DEFAULTS, f"trainer.max_steps={steps}"], tmp_path), "s", SaveAtLastStepEnd
+    )
+    train(cfg)
+    at_step_end = read_checkpoint(tmp_path / "batch_end.ckpt")
+    at_fit_end = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert at_step_end["global_step"] == at_fit_end["global_step"] == steps
+    assert _fit_loop_counters(at_fit_end) is not None
+    epochs = at_fit_end["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert epochs["completed"] == at_fit_end["epoch"] == 3, "fit's end counts the running epoch as done"
+    fit_loop = at_step_end["loops"]["fit_loop"]
+    if steps == 6:  # validation ran after the step's end hooks: the one other difference
+        fit_loop["epoch_loop.val_loop.batch_progress"] = at_fit_end["loops"]["fit_loop"][
+            "epoch_loop.val_loop.batch_progress"
+        ]
+    assert at_step_end["loops"] != at_fit_end["loops"]
+    assert align_loop_state(at_fit_end) is True
+    assert at_fit_end["loops"] == at_step_end["loops"]
+    assert align_loop_state(at_step_end) is False, "a checkpoint of a step's end is left as it is"
+    assert align_loop_state({"loops": {"fit_loop": {}}}) is False
 
 
 def test_resume_after_a_kill_supersedes_csv_rows_logged_after_the_checkpoint(tmp_path):

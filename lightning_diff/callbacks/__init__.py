@@ -1,5 +1,6 @@
 """Lightning callbacks that sample from the model during training and record what they see."""
 
+from lightning_diff.callbacks.checkpoint import RunCheckpoint
 from lightning_diff.callbacks.evaluation import SampleEvaluation
 from lightning_diff.callbacks.likelihood import ODELikelihood
 from lightning_diff.callbacks.preemption import PreemptionCheckpoint
@@ -10,6 +11,7 @@ __all__ = [
     "GaussianScoreDeviation",
     "ODELikelihood",
     "PreemptionCheckpoint",
+    "RunCheckpoint",
     "SampleEvaluation",
     "SampleGrid",
 ]

@@ -16,14 +16,27 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 log = logging.getLogger("lightning_diff.preemption")
 
 
+def slurm_requeue(trainer: L.Trainer, signum: int) -> None:
+    """Lightning's own reaction to SLURM's requeue signal: write ``default_root_dir/hpc_ckpt_<n>.ckpt``
+    and, on rank 0, ``scontrol requeue`` the job. The one use of Lightning's private signal
+    connector here (``tests/test_resume.py`` fails if a Lightning version renames it)."""
+    trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
+
+
 class PreemptionCheckpoint(L.Callback):
     """On SIGTERM or SIGUSR1, write ``dirpath/last.ckpt`` at the end of the current step and stop.
 
     The handlers only set a flag; the checkpoint is written from ``on_train_batch_end``, after the
     optimiser step and the EMA update, through ``trainer.save_checkpoint`` on every rank. With
     several processes the flags are combined every step (one small all-reduce), so every rank
-    stops after the same step even if the signal reached them at different times. Under SLURM with
-    auto-requeue, SIGUSR1 is left to Lightning's own requeue handler.
+    stops after the same step even if the signal reached them at different times.
+
+    Under SLURM with auto-requeue, the requeue signal (SIGUSR1) is Lightning's: it writes
+    ``hpc_ckpt_<n>.ckpt`` and requeues the job, and training goes on until SLURM stops it (with a
+    SIGTERM, handled as above). Lightning would write that checkpoint from the signal handler,
+    wherever in a step the signal lands (half an optimiser step, or a batch already taken from the
+    loader but not trained on); here the handler only sets the flag too and Lightning's save and
+    requeue run at the end of the step, so the file resumes exactly like the others.
 
     After ``fit`` returns, :attr:`stopped_by` names the signal (or is None) and :attr:`path` the file.
     """
@@ -35,6 +48,8 @@ class PreemptionCheckpoint(L.Callback):
         self.path: Path | None = None
         self._received: int | None = None
         self._previous: dict[int, object] = {}
+        self._requeue_signal: int | None = None  # SLURM's, when Lightning requeues on it
+        self.requeued = False
 
     def _handler(self, signum: int, frame) -> None:
         self._received = signum
@@ -47,11 +62,13 @@ class PreemptionCheckpoint(L.Callback):
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         env = trainer._accelerator_connector.cluster_environment
-        slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        for name in self.signal_names:
-            signum = getattr(signal, name, None)
-            if signum is None or (slurm_requeue and signum == getattr(signal, "SIGUSR1", None)):
-                continue
+        self._requeue_signal = None
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
+            self._requeue_signal = int(env.requeue_signal)
+        names = {getattr(signal, n) for n in self.signal_names if hasattr(signal, n)}
+        if self._requeue_signal is not None:
+            names.add(self._requeue_signal)  # taken before Lightning's handler, which then stays out
+        for signum in sorted(names):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handler)
 
@@ -86,6 +103,20 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self._agreed_signal(trainer)
         if not signum or self.stopped_by is not None:
+            return
+        if signum == self._requeue_signal:
+            # Once per run: the same signal reaching a rank a step later is not a second requeue.
+            # A SIGTERM afterwards still stops and saves as usual.
+            self._received = None
+            if not self.requeued:
+                self.requeued = True
+                slurm_requeue(trainer, signum)
+                if trainer.is_global_zero:
+                    log.info(
+                        "%s: requeued under SLURM at step %d",
+                        signal.Signals(signum).name,
+                        trainer.global_step,
+                    )
             return
         self._save(trainer, signum)
 

@@ -25,7 +25,14 @@ from lightning_diff.diffusion.random import SampleGenerators, ShardedGenerator
 from lightning_diff.diffusion.samplers import Sampler, sample_ddim
 from lightning_diff.diffusion.teleport import Teleport
 from lightning_diff.errors import ConfigError
-from lightning_diff.resume import RNG_KEY, gather_rng_states, set_rng_states, step_seed
+from lightning_diff.resume import (
+    RNG_KEY,
+    align_loop_state,
+    gather_rng_states,
+    rank_rng_state,
+    set_rng_states,
+    step_seed,
+)
 
 CHECKPOINT_KEY = "lightning_diff"
 #: Training losses held on the device before they are checked for NaN/inf at the latest.
@@ -504,7 +511,9 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.run_meta = {**meta, **self.run_meta}
-        states = checkpoint.get(RNG_KEY)
         trainer = self._trainer
-        if states and trainer is not None and len(states) == trainer.world_size:
-            self._rng_to_restore = states[trainer.global_rank]
+        if trainer is not None and trainer.state.fn == "fit":  # before Lightning restores its loops
+            align_loop_state(checkpoint)
+        states = checkpoint.get(RNG_KEY)
+        if states and trainer is not None:
+            self._rng_to_restore = rank_rng_state(states, trainer.global_rank, trainer.world_size)
