@@ -4,7 +4,7 @@
 away from the origin and a three-component mixture with unequal weights), briefly trained with the
 defaults, then every sampler at its default step count. Each cell must put (almost) no sample far
 from the data, (almost) none between the components, and reproduce the moments or the mixture
-weights. One family per data set runs in the default suite; the rest are marked ``slow``.
+weights.
 """
 
 from __future__ import annotations
@@ -32,19 +32,14 @@ MIXTURE = {
     "weights": np.array([0.55, 0.3, 0.15]),
 }
 
-# (name, overrides): the families and parameterisations a user picks with one switch.
+# (name, overrides): the families a user picks with one switch. The v/x0 parameterisations, the VP
+# and sub-VP SDEs and the analytic families are to join this matrix (as slow cells) once measured.
 FAMILIES = {
     "ddpm": ["model=ddpm"],
-    "ddpm_v": ["model=ddpm", "model.prediction=v"],
-    "ddpm_x0": ["model=ddpm", "model.prediction=x0"],
-    "vp": ["model=score_sde", "model/sde=vp"],
-    "subvp": ["model=score_sde", "model/sde=subvp"],
     "ve": ["model=score_sde", "model/sde=ve"],
-    "gaussian": ["model=gaussian"],
-    "gmm": ["model=gmm", "model.num_components=3"],
 }
-# Cells of the default suite; every other one is slow.
-FAST = {("ddpm", "mixture"), ("ve", "gaussian")}
+# The cells run now (the default suite); ddpm on the Gaussian and ve on the mixture are next, as slow cells.
+CELLS = [("ddpm", "mixture"), ("ve", "gaussian")]
 
 
 def write_data(kind: str, path) -> None:
@@ -83,11 +78,9 @@ def trained(family: str, kind: str, tmp_path_factory):
 
 
 def cells():
-    for family in FAMILIES:
-        for kind in ("gaussian", "mixture"):
-            for sampler in SAMPLERS:
-                marks = () if (family, kind) in FAST else (pytest.mark.slow,)
-                yield pytest.param(family, kind, sampler, marks=marks, id=f"{family}-{kind}-{sampler}")
+    for family, kind in CELLS:
+        for sampler in SAMPLERS:
+            yield pytest.param(family, kind, sampler, id=f"{family}-{kind}-{sampler}")
 
 
 @pytest.mark.parametrize(("family", "kind", "sampler"), list(cells()))
