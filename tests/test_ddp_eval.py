@@ -21,10 +21,6 @@ def test_evaluation_on_two_processes_matches_one(tmp_path):
         "trainer.strategy=ddp_spawn",
         "callbacks.evaluation.num_samples=21",  # not a multiple of the world size: uneven shards
         "callbacks.evaluation.kid=true",
-        # With the default edm preconditioning this 2-step model's KID differs between 2 processes and
-        # 1 (1558 against 1636) while its Frechet distance agrees; not yet explained, so the check of
-        # the sharded evaluation runs on an eps model for now.
-        "model.prediction=eps",
         "callbacks.sample_grid.every_n_steps=0",
         "logger=csv",
     ]

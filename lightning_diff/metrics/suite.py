@@ -26,6 +26,7 @@ training set and named for it (``sliced_wasserstein_vs_train``, ``mmd_vs_train``
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -104,7 +105,10 @@ class EvaluationSuite(nn.Module):
         self.frechet = FrechetDistance(extractor, feature_dim=dim, reset_real_features=False)
         self._set_frechet_reference(train, reference_cache)
         self.kid = KernelDistance(extractor, seed=seed) if kid else None
-        self._kid_reference = train[rank::world_size]
+        # Contiguous blocks, gathered in rank order, rebuild the training set's own order, so the
+        # kernel distance's random subsets (and its value) match a single process's.
+        block = math.ceil(len(train) / world_size)
+        self._kid_reference = train[rank * block : (rank + 1) * block]
         if self.kid is not None:
             self.kid.update(self._kid_reference, real=True)
         self.memorization = Memorization(train)
