@@ -47,7 +47,8 @@ def load_samples(path: str | Path, data_shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def heldout_likelihood(cfg: DictConfig, model, datamodule) -> dict[str, float]:
-    """``bits_per_dim`` or ``nll_nats_per_dim`` of the first ``likelihood.num_samples`` held-out samples."""
+    """``bits_per_dim`` or ``nll_nats_per_dim`` of ``likelihood.num_samples`` held-out samples
+    (a fixed random draw)."""
     options = OmegaConf.to_container(cfg.likelihood, resolve=True)
     options.pop("enabled")
     data = heldout_data(datamodule, options.pop("num_samples"))

@@ -20,18 +20,20 @@ from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
 from lightning_diff.diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.distances import random_rows
 from lightning_diff.sampling import gather_shards, shard_indices
 
 
 def heldout_data(datamodule, num_samples: int) -> Tensor:
-    """The first ``num_samples`` held-out samples; an error naming the fix when there are none."""
+    """``num_samples`` held-out samples drawn at random (a fixed draw: the same ones at every
+    evaluation); an error naming the fix when there are none."""
     data = datamodule.val_tensor()
     if len(data) == 0:
         raise ConfigError(
             "the likelihood is measured on held-out data but this data set holds none out: "
             "set data.val_fraction above 0"
         )
-    return data[:num_samples]
+    return random_rows(data, num_samples)
 
 
 def log_likelihoods(
@@ -84,9 +86,9 @@ def likelihood_metrics(log_likelihood: Tensor, nfe: Tensor, data_shape: Sequence
 class ODELikelihood(PeriodicCallback):
     """Log the held-out NLL (``eval/bits_per_dim`` or ``eval/nll_nats_per_dim``) and its evaluations.
 
-    Runs at the end of training and, if ``every_n_steps > 0``, periodically, on the first
-    ``num_samples`` held-out samples with the EMA weights. The samples are split over the ranks in
-    blocks of indices (the last block padded with repeats), every rank integrates its block and joins
+    Runs at the end of training and, if ``every_n_steps > 0``, periodically, on ``num_samples``
+    held-out samples (a fixed random draw) with the EMA weights. The samples are split over the
+    ranks in blocks of indices (the last block padded with repeats), every rank integrates its block and joins
     the gather, and only rank 0 writes ``metrics.json``. The remaining arguments go to
     :func:`~lightning_diff.diffusion.likelihood.ode_log_likelihood`.
     """

@@ -23,6 +23,7 @@ from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.likelihood import sigma_range
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.distances import random_rows
 from lightning_diff.metrics.score_deviation import ScoreDeviation
 from lightning_diff.sampling import shard_indices
 
@@ -70,8 +71,8 @@ def build_references(
 class GaussianScoreDeviation(PeriodicCallback):
     """Every ``every_n_steps`` optimiser steps and at the end of training, the deviation
     ``1 - EV(sigma)`` of the model's score from each reference score (see
-    :mod:`lightning_diff.metrics.score_deviation`) on the first ``num_samples`` held-out rows (the
-    training rows when nothing is held out).
+    :mod:`lightning_diff.metrics.score_deviation`) on ``num_samples`` held-out rows drawn at random
+    once (the training rows when nothing is held out).
 
     ``sigmas`` defaults to 16 log-spaced levels from 0.01 to 80, narrowed to the model's schedule
     range. The model is its own (EMA by default) denoiser without the sampling-time clamp, which
@@ -126,7 +127,7 @@ class GaussianScoreDeviation(PeriodicCallback):
         data = trainer.datamodule.val_tensor()
         if len(data) == 0:
             data = trainer.datamodule.train_tensor()
-        data = data[: self.num_samples]
+        data = random_rows(data, self.num_samples)
         indices = shard_indices(len(data), trainer.global_rank, trainer.world_size)
         denoiser = pl_module.make_denoiser(pl_module.ema.module if self.use_ema else pl_module.net)
         was_training = denoiser.training

@@ -12,6 +12,19 @@ import torch
 from torch import Tensor
 
 
+def random_rows(x: Tensor, n: int, seed: int = 0) -> Tensor:
+    """Up to ``n`` rows of ``x`` drawn without replacement with ``seed``, in their original order.
+
+    Data sets keep their storage order (a file sorted by class stays sorted), so a prefix is not a
+    sample of the data; every "what real data score with n points" baseline takes its rows here.
+    """
+    if n >= len(x):
+        return x
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(x), generator=gen)[:n].sort().values
+    return x[idx.to(x.device)]
+
+
 def sliced_wasserstein(
     x: Tensor, y: Tensor, num_projections: int = 256, generator: torch.Generator | None = None
 ) -> Tensor:

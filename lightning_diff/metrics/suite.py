@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.distances import random_rows
 from lightning_diff.metrics.features import DigitsFeatures, RawFeatures
 from lightning_diff.metrics.frechet import FrechetDistance, KernelDistance
 from lightning_diff.metrics.memorization import Memorization
@@ -202,9 +203,10 @@ class EvaluationSuite(nn.Module):
             self.frechet.feature_extractor, feature_dim=self.frechet.feature_dim, sync_on_compute=False
         ).to(self.frechet.device)
         fd.set_reference(self.frechet.ref_mean, self.frechet.ref_cov, self.frechet.ref_n)
-        fd.update(self.heldout[:num_samples].to(self.frechet.device), real=False)
-        sw = SlicedWasserstein(self.heldout, seed=self.sliced_wasserstein.seed, sync_on_compute=False)
-        sw.update(self.train[:num_samples])
+        seed = self.sliced_wasserstein.seed
+        fd.update(random_rows(self.heldout, num_samples, seed).to(self.frechet.device), real=False)
+        sw = SlicedWasserstein(self.heldout, seed=seed, sync_on_compute=False)
+        sw.update(random_rows(self.train, num_samples, seed))
         return {
             f"{self.frechet.key}_heldout": float(fd.compute()),
             "sliced_wasserstein_train": float(sw.compute()),
