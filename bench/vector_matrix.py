@@ -1,7 +1,9 @@
 """Every family and parameterisation, every sampler, on a user's own 2-D data with the default config.
 
-    .venv/bin/python bench/vector_matrix.py                         # the README's table
+    .venv/bin/python bench/vector_matrix.py                         # every cell, one process
     .venv/bin/python bench/vector_matrix.py models=ddpm_eps,ddpm_edm steps=3000 seeds=0,1,2
+    .venv/bin/python bench/vector_matrix.py out=a.jsonl seeds=0         # cells appended to a file ...
+    .venv/bin/python bench/vector_matrix.py report=a.jsonl,b.jsonl      # ... tables of several runs
 
 Two data sets are written as ``.npy`` files and trained through ``ld-train data=array`` exactly as
 the README's example does: 4000 points of a correlated 2-D Gaussian (mean (1, -0.5), standard
@@ -10,11 +12,14 @@ model is trained ``steps`` steps with everything else at its default, then every
 default step count draws ``num_samples`` samples. Per cell: the share of samples beyond 1.5 times
 the training data's radius (``far``), the covariance error relative to the true covariance
 (Gaussian), the share of samples farther than 5 standard deviations from every component and the
-largest error of the mixture weights (mixture), and the model evaluations per sample.
+largest error of the mixture weights (mixture), and the model evaluations per sample. With several
+seeds each statistic is given as mean ± standard deviation over the seeds (each seed trains anew and
+samples with its own generator; the data files stay the same).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -114,7 +119,40 @@ def spread(values: list[float], pct: bool = False) -> str:
     mean = statistics.mean(values) * scale
     sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
     unit = "%" if pct else ""
-    return f"{mean:.2f}{unit} ± {sd:.2f}" if len(values) > 1 else f"{mean:.3g}{unit}"
+    digits = 2 if pct else 3
+    return f"{mean:.{digits}f}{unit} ± {sd:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}{unit}"
+
+
+def report(rows: list[dict], models: list[str], samplers: list[str], data: list[str]) -> str:
+    """Markdown tables (one per data set) of the cells in ``rows``, seeds merged."""
+    results: dict = {}
+    for row in rows:
+        results.setdefault((row["data"], row["model"], row["sampler"]), []).append(row)
+    out = []
+    for data_kind in data:
+        stats = ["cov_err"] if data_kind == "gauss" else ["between", "weight_err"]
+        header = ["model", "sampler", "NFE", "seeds", "far (beyond 1.5 radii)", *stats]
+        lines = []
+        for model_name in models:
+            for sampler in samplers:
+                cells = results.get((data_kind, model_name, sampler))
+                if not cells:
+                    continue
+                line = [
+                    model_name,
+                    sampler,
+                    cells[0]["nfe"],
+                    len(cells),
+                    spread([c["far"] for c in cells], True),
+                ]
+                lines.append(line + [spread([c[s] for c in cells], pct=s == "between") for s in stats])
+        if lines:
+            first = rows[0]
+            out.append(
+                f"\n{data_kind}: {first['num_train']} training points, {first['steps']} steps, "
+                f"{first['num_samples']} samples\n" + table(header, lines)
+            )
+    return "\n".join(out)
 
 
 def main(argv):
@@ -128,11 +166,17 @@ def main(argv):
             "seeds": [0],
             "num_train": 4000,
             "num_samples": 4000,
+            "out": "",
+            "report": [""],
         },
         __doc__,
     )
+    if args["report"] != [""]:
+        rows = [json.loads(line) for path in args["report"] for line in Path(path).read_text().splitlines()]
+        print(report(rows, args["models"], args["samplers"], args["data"]))
+        return
     print(machine_line())
-    results: dict = {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for data_kind in args["data"]:
             path = Path(tmp) / f"{data_kind}.npy"
@@ -150,23 +194,15 @@ def main(argv):
                         tmp,
                     )
                     for sampler, cell in cells:
-                        results.setdefault((data_kind, model_name, sampler), []).append(cell)
-                        print(data_kind, model_name, seed, sampler, cell, flush=True)
-    for data_kind in args["data"]:
-        stats = ["cov_err"] if data_kind == "gauss" else ["between", "weight_err"]
-        header = ["model", "sampler", "NFE", "far (beyond 1.5 radii)", *stats]
-        rows = []
-        for model_name in args["models"]:
-            for sampler in args["samplers"]:
-                cells = results[(data_kind, model_name, sampler)]
-                row = [model_name, sampler, cells[0]["nfe"], spread([c["far"] for c in cells], pct=True)]
-                row += [spread([c[s] for c in cells], pct=s == "between") for s in stats]
-                rows.append(row)
-        print(
-            f"\n{data_kind}: {args['num_train']} training points, {args['steps']} steps, "
-            f"{args['num_samples']} samples, seeds {args['seeds']}"
-        )
-        print(table(header, rows))
+                        row = {"data": data_kind, "model": model_name, "sampler": sampler, "seed": seed}
+                        row.update(cell, steps=args["steps"], num_train=args["num_train"])
+                        row["num_samples"] = args["num_samples"]
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        if args["out"]:
+                            with open(args["out"], "a") as f:
+                                f.write(json.dumps(row) + "\n")
+    print(report(rows, args["models"], args["samplers"], args["data"]))
 
 
 if __name__ == "__main__":
