@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,9 +14,12 @@ import torch
 from conftest import compose_named, compose_train
 from omegaconf import open_dict
 
+from lightning_diff.checkpoints import load_model
+from lightning_diff.diffusion import Sampler, sample_ancestral
 from lightning_diff.errors import CheckpointError, ConfigError, DataError
 from lightning_diff.evaluate import evaluate
 from lightning_diff.sample import sample
+from lightning_diff.sampling import generate
 from lightning_diff.train import train
 
 
@@ -47,6 +51,15 @@ def test_sample_with_another_sampler_and_step_count(ckpt, tmp_path):
     ]
     array = sample(compose_named("sample", overrides + [f"grid={tmp_path / 'g.png'}"]))
     assert array.shape == (4, 1, 8, 8) and (tmp_path / "g.png").is_file()
+    # The same seeds through a sampler built by hand: three ancestral steps on DDIM's leading grid.
+    model, _ = load_model(ckpt, "cpu")
+    ancestral = functools.partial(sample_ancestral, variance="posterior")
+    by_hand = Sampler(ancestral, num_steps=3, spacing="leading")
+    expected, nfe = generate(model, range(4), (1, 8, 8), by_hand, seed=0)
+    assert nfe == 3
+    np.testing.assert_allclose(array, expected.numpy(), rtol=1e-5, atol=1e-6)
+    default = sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=4", f"out={tmp_path / 'b.npy'}"]))
+    assert np.abs(default - array).max() > 1e-2  # the default sampler (Heun) is another one
 
 
 def test_eval_checkpoint_and_samples_file(ckpt, tmp_path):
@@ -144,15 +157,26 @@ def test_sample_with_every_sampler(ckpt, tmp_path, sampler):
     assert array.shape == (3, 1, 8, 8) and np.isfinite(array).all()
 
 
-def test_reference_statistics_are_cached_and_reused(tmp_path):
+def test_reference_statistics_are_cached_and_reused(tmp_path, monkeypatch):
     from lightning_diff.data import DigitsDataModule
     from lightning_diff.metrics.evaluate import build_suite
+    from lightning_diff.metrics.frechet import FrechetDistance
 
     dm = DigitsDataModule()
     first = build_suite(dm, kid=False, cache_dir=tmp_path)
     files = list((tmp_path / "reference").glob("digits-*-digits_cnn.pt"))
     assert len(files) == 1
-    second = build_suite(dm, kid=False, cache_dir=tmp_path)
+
+    # A cache hit reads the file: computing the training statistics again would fail here.
+    def no_recompute(self, x, real):
+        if real:
+            raise AssertionError("the reference statistics were recomputed despite the cache")
+        return original(self, x, real)
+
+    original = FrechetDistance.update
+    with monkeypatch.context() as patch:
+        patch.setattr(FrechetDistance, "update", no_recompute)
+        second = build_suite(dm, kid=False, cache_dir=tmp_path)
     torch.testing.assert_close(second.frechet.ref_cov, first.frechet.ref_cov)
     # A different subset is a different key: no stale statistics.
     build_suite(DigitsDataModule(num_train=100), kid=False, cache_dir=tmp_path)

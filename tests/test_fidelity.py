@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,8 @@ def test_fid_and_kid_through_torch_fidelity_with_a_local_weights_file(random_inc
     assert abs(same["fid_inception"]) < 1e-3
     assert other["fid_inception"] > 1e-2 > same["fid_inception"]
     assert set(same) == {"fid_inception", "kid_inception_mean", "kid_inception_std"}
+    assert all(math.isfinite(v) for v in [*same.values(), *other.values()])
+    assert other["kid_inception_mean"] > same["kid_inception_mean"] + 1e-6
     assert list(tmp_path.rglob("*unit*")), "reference statistics were not cached"
 
 

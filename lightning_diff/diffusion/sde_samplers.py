@@ -129,8 +129,9 @@ def sample_pc(
     spread), so at low noise it moves samples by many multiples of the network's error: trained
     briefly on a user's 2-D Gaussian, snr = 0.16 left covariance errors of 0.48 (DDPM) and 2.9 (VE,
     2.6% of the samples far out), 0.04 left 0.05-0.06 and 0.02 left 0.03, the level of 2000 true
-    samples (with the exact denoiser 0.16 is fine: 0.01-0.03). In float32 the score ``(D - x) / sigma^2`` is rounding noise once ``sigma`` nears 1e-4
-    (sub-VP's last level is 1.1e-4), which the corrector then amplifies: sample in float64 there.
+    samples (with the exact denoiser 0.16 is fine: 0.01-0.03). In float32 the score
+    ``(D - x) / sigma^2`` is rounding noise once ``sigma`` nears 1e-4 (sub-VP's last level is
+    1.1e-4), which the corrector then amplifies: sample in float64 there.
     """
     if snr is None:
         snr = DEFAULT_SNR["images" if x.ndim > 2 else "vectors"]
