@@ -154,18 +154,25 @@ def trim_csv_log(logger: CSVLogger, step: int) -> int:
     logged before ``step`` and drop the others, which the resumed run logs again (or which belonged
     to steps trained after the checkpoint and lost with the process). Call on rank 0 before the
     logger's first use: Lightning's CSV writer deletes an existing metrics file when it starts, so
-    the kept rows are written back afterwards. Returns the number of rows kept."""
+    the kept rows are read first and logged again through the logger. Returns the number of rows
+    kept."""
     path = Path(logger.log_dir) / "metrics.csv"
     if not path.is_file():
         return 0
     with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        kept = [row for row in reader if row.get("step") not in (None, "") and float(row["step"]) < step]
-    writer = logger.experiment  # creating the writer removes the old file
-    with path.open("w", newline="") as f:
-        out = csv.DictWriter(f, fieldnames=header)
-        out.writeheader()
-        out.writerows(kept)
-    writer.metrics_keys = list(header)
+        kept = [
+            row
+            for row in csv.DictReader(f)
+            if row.get("step") not in (None, "") and float(row["step"]) < step
+        ]
+    logger.experiment  # noqa: B018 - creating the writer removes the old file
+    for row in kept:
+        at = int(float(row.pop("step")))
+        logger.log_metrics({key: _csv_number(value) for key, value in row.items() if value}, at)
+    logger.save()
     return len(kept)
+
+
+def _csv_number(text: str) -> int | float:
+    """A CSV cell back as the number Lightning wrote (``str`` of an int or a float: exact)."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lightning_diff.lightning_internals import fit_loop_counters
+
 RNG_KEY = "rng_states"
 
 log = logging.getLogger("lightning_diff.resume")
@@ -74,26 +76,6 @@ def rank_rng_state(states: list[dict[str, Any]], rank: int, world_size: int) -> 
     return states[rank % len(states)]
 
 
-def _fit_loop_counters(checkpoint: dict[str, Any]) -> tuple[dict, dict, dict] | None:
-    """The fit loop's epoch progress, batch progress and epoch-loop state in ``checkpoint``, or None
-    when they are not where Lightning 2.5/2.6 keeps them (the only place Lightning's checkpoint
-    layout is read; ``tests/test_resume.py`` fails if a Lightning version moves them)."""
-    try:
-        fit = checkpoint["loops"]["fit_loop"]
-        epochs, batches = fit["epoch_progress"], fit["epoch_loop.batch_progress"]
-        loop_state = fit["epoch_loop.state_dict"]
-        keys = ("ready", "started", "processed", "completed")
-        for progress in (epochs, batches):
-            for part in ("current", "total"):
-                if not all(isinstance(progress[part].get(k), int) for k in keys):
-                    return None
-        if not isinstance(loop_state.get("_batches_that_stepped"), int):
-            return None
-    except (KeyError, TypeError, AttributeError):
-        return None
-    return epochs, batches, loop_state
-
-
 def align_loop_state(checkpoint: dict[str, Any]) -> bool:
     """Rewrite the fit loop's progress in ``checkpoint`` to the form Lightning writes at the end of a
     training step (``on_train_batch_end``, where periodic and preemption checkpoints are saved);
@@ -109,7 +91,7 @@ def align_loop_state(checkpoint: dict[str, Any]) -> bool:
     step was an epoch's last, exactly as for a periodic checkpoint. Checkpoints already in that
     form, or in one this function does not know, are left as they are.
     """
-    counters = _fit_loop_counters(checkpoint)
+    counters = fit_loop_counters(checkpoint)
     if counters is None:
         if "loops" in checkpoint:
             log.warning(

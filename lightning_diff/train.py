@@ -115,9 +115,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_shape = tuple(datamodule.data_shape)
     net = build_family_net(cfg, data_shape)
     model = instantiate(cfg.model, net=net)
-    if cfg.get("gaussian_reference", True):
-        model.set_gaussian_reference(datamodule.train_tensor())
-    model.fit_data(datamodule.train_tensor())  # preconditioning statistics, analytic fits, kernel centres
+    # The data's Gaussian, and per family preconditioning statistics, analytic fits, kernel centres.
+    model.fit_data(datamodule.train_tensor(), gaussian_reference=cfg.get("gaussian_reference", True))
 
     fill_wandb_labels(cfg)
     loggers = instantiate_dict(cfg.get("logger"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 import pickle
 
@@ -11,13 +12,15 @@ import pytest
 import torch
 from conftest import compose_train
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader
 
 from lightning_diff.data import DigitsDataModule
 from lightning_diff.diffusion import DiscreteSchedule
 from lightning_diff.models import DDPM, ScoreSDE
-from lightning_diff.models.base import EMAUpdate, ExponentialAverage, build_optimizer
+from lightning_diff.models.base import build_optimizer
+from lightning_diff.models.ema import EMAUpdate, ExponentialAverage
 from lightning_diff.nets import MLP, UNet
 
 CUDA = torch.cuda.is_available()
@@ -286,3 +289,40 @@ def test_nan_loss_is_reported_with_its_first_step_before_any_checkpoint(tmp_path
         model.check_finite_loss()
     assert model._unchecked_losses == []
     model.check_finite_loss()  # nothing pending: nothing to raise
+
+
+class _FlushProbe(L.Callback):
+    """Logs a constant at every batch: the steps where it reaches the logger are the ones where
+    Lightning hands metrics to the loggers."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.log("probe", 1.0)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_train_loss_reaches_the_logger_at_every_step_lightning_logs(tmp_path, accumulate):
+    """train/loss is logged only at logging steps (no device sync in between), decided from public
+    trainer attributes; a wrong rule leaves rows without it. 64 points in batches of 16: 4 batches
+    an epoch, so 11 steps also cross epoch ends."""
+    model = ddpm(tiny_mlp())
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=11,
+        logger=CSVLogger(tmp_path, name="", version=""),
+        log_every_n_steps=3,
+        accumulate_grad_batches=accumulate,
+        callbacks=[_FlushProbe()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, DataLoader(vectors(), batch_size=16, shuffle=False))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    flushed = {r["step"] for r in rows if r.get("probe")}
+    with_loss = {r["step"] for r in rows if r.get("train/loss")}
+    assert len(flushed) >= 3 and with_loss == flushed
+    assert {r["step"] for r in rows if r.get("train/lr")} == flushed
+    # At the end, callback metrics hold the last step's loss.
+    assert trainer.global_step == 11 and torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -318,7 +318,8 @@ def test_end_of_fit_loop_state_is_aligned_to_the_state_at_the_end_of_its_last_st
     """The one place Lightning's checkpoint layout is read (resume.align_loop_state): the loop state
     saved when fit ends, aligned, equals the one Lightning saves at the end of the same step (a
     Lightning version that lays out or counts its loops differently fails here)."""
-    from lightning_diff.resume import _fit_loop_counters, align_loop_state
+    from lightning_diff.lightning_internals import fit_loop_counters
+    from lightning_diff.resume import align_loop_state
 
     cfg = _with_callback(
         compose_train([*DEFAULTS, f"trainer.max_steps={steps}"], tmp_path), "s", SaveAtLastStepEnd
@@ -327,7 +328,7 @@ def test_end_of_fit_loop_state_is_aligned_to_the_state_at_the_end_of_its_last_st
     at_step_end = read_checkpoint(tmp_path / "batch_end.ckpt")
     at_fit_end = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert at_step_end["global_step"] == at_fit_end["global_step"] == steps
-    assert _fit_loop_counters(at_fit_end) is not None
+    assert fit_loop_counters(at_fit_end) is not None
     epochs = at_fit_end["loops"]["fit_loop"]["epoch_progress"]["current"]
     assert epochs["completed"] == at_fit_end["epoch"] == 3, "fit's end counts the running epoch as done"
     fit_loop = at_step_end["loops"]["fit_loop"]
@@ -351,6 +352,7 @@ def test_resume_after_a_kill_supersedes_csv_rows_logged_after_the_checkpoint(tmp
     ckpts = run_dir / "checkpoints"
     (ckpts / "last.ckpt").write_bytes((ckpts / "step0000004.ckpt").read_bytes())
     assert max(int(r["step"]) for r in _csv_rows(run_dir)) == 8
+    kept = [r for r in _csv_rows(run_dir) if int(r["step"]) < 4]
     _, resumed = train(compose_train(base + ["trainer.max_steps=10", "resume=auto"], run_dir))
     assert resumed["trainer"].global_step == 10
     assert sorted(_train_losses(run_dir)) == list(range(10))
@@ -360,6 +362,7 @@ def test_resume_after_a_kill_supersedes_csv_rows_logged_after_the_checkpoint(tmp
         assert steps == sorted(set(steps)), (key, steps)
     # Validation after step s is logged at s - 1, as Lightning counts logging steps from 0.
     assert [int(r["step"]) for r in rows if r.get("val/loss")] == [1, 3, 5, 7, 9]
+    assert [r for r in rows if int(r["step"]) < 4] == kept, "the rows before the checkpoint, as written"
 
 
 def test_checkpoint_write_interrupted_midway_keeps_the_old_file(tmp_path, monkeypatch):

@@ -13,14 +13,9 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_diff.lightning_internals import cluster_environment, slurm_requeue
+
 log = logging.getLogger("lightning_diff.preemption")
-
-
-def slurm_requeue(trainer: L.Trainer, signum: int) -> None:
-    """Lightning's own reaction to SLURM's requeue signal: write ``default_root_dir/hpc_ckpt_<n>.ckpt``
-    and, on rank 0, ``scontrol requeue`` the job. The one use of Lightning's private signal
-    connector here (``tests/test_resume.py`` fails if a Lightning version renames it)."""
-    trainer._signal_connector._slurm_sigusr_handler_fn(signum, None)
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -61,7 +56,7 @@ class PreemptionCheckpoint(L.Callback):
         # Installed before Lightning's own SIGTERM handler, which then calls this one as well.
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         self._requeue_signal = None
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             self._requeue_signal = int(env.requeue_signal)

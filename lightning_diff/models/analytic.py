@@ -83,8 +83,9 @@ class AnalyticModel(DiffusionModule):
         for name in BUFFERS[kind]:
             self.register_data_buffer(name)
 
-    def fit_data(self, train: Tensor) -> None:
+    def fit_data(self, train: Tensor, gaussian_reference: bool = True) -> None:
         """Fit the closed-form model to the training set (any per-sample shape)."""
+        super().fit_data(train, gaussian_reference)
         train = train.to(self.device)
         if self.kind == "gaussian":
             self.fit_mean, self.fit_cov = data_moments(train)

@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from lightning_diff.diffusion.analytic import data_moments
 from lightning_diff.diffusion.denoisers import ClampedDenoiser, Denoiser, GaussianDenoiser
@@ -25,6 +24,8 @@ from lightning_diff.diffusion.random import SampleGenerators, ShardedGenerator
 from lightning_diff.diffusion.samplers import Sampler, sample_ddim
 from lightning_diff.diffusion.teleport import Teleport
 from lightning_diff.errors import ConfigError
+from lightning_diff.lightning_internals import attached_trainer
+from lightning_diff.models.ema import EMAUpdate, ExponentialAverage
 from lightning_diff.resume import (
     RNG_KEY,
     align_loop_state,
@@ -37,116 +38,6 @@ from lightning_diff.resume import (
 CHECKPOINT_KEY = "lightning_diff"
 #: Training losses held on the device before they are checked for NaN/inf at the latest.
 MAX_UNCHECKED_LOSSES = 100
-
-
-class EMAUpdate:
-    """An ``AveragedModel`` update: exponential moving average with an optional warm-up.
-
-    With warm-up the effective decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
-    the average is not dominated by the random initial weights in short runs (the schedule used by
-    TensorFlow's ExponentialMovingAverage with ``num_updates``). Integer buffers are copied. A class
-    rather than a closure, so the module pickles (``ddp_spawn``).
-    """
-
-    def __init__(self, decay: float, warmup: bool):
-        self.decay, self.warmup = decay, warmup
-
-    @torch.no_grad()
-    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
-        if floats:
-            avg, cur = [a for a, _ in floats], [c for _, c in floats]
-            if self.warmup:
-                # Computed on the device from the update count: no host sync in the training step.
-                n = num_averaged.to(avg[0].dtype)
-                weight = 1 - torch.clamp((1 + n) / (10 + n), max=self.decay)
-            else:
-                weight = 1 - self.decay
-            torch._foreach_lerp_(avg, cur, weight)
-        for a, c in zip(averaged, current, strict=True):
-            if not a.is_floating_point():
-                a.copy_(c)
-
-
-class ExponentialAverage(AveragedModel):
-    """``AveragedModel`` (buffers averaged too) with a cheaper per-step update and no host synchronisation.
-
-    The update computes what ``AveragedModel.update_parameters`` computes, bit for bit: a copy of the
-    network at the first update, then ``multi_avg_fn`` once per (device, dtype) group. Two things
-    differ: the tensor lists and their grouping are built once and reused for as long as every
-    buffer is still the same tensor and every group's tensors are still on their device and dtype
-    (moving or loading either module, or replacing a buffer, rebuilds them); and whether an update
-    is the first is decided from a count kept on the host, so the step never waits for the device.
-    ``n_averaged`` and ``module.*`` remain the ``state_dict`` entries they were.
-    """
-
-    def __init__(self, model: nn.Module, multi_avg_fn: Callable[..., None]):
-        super().__init__(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
-        self.forget_tensors()
-
-    def forget_tensors(self) -> None:
-        """Drop the cached tensor lists and the host copy of the update count (rebuilt on next use)."""
-        self._cache: dict[str, Any] | None = None
-        self._count: int | None = None
-
-    @staticmethod
-    def _slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
-        return [(m, n, b) for m in module.modules() for n, b in m._buffers.items() if b is not None]
-
-    def _cache_valid(self, model: nn.Module) -> bool:
-        cache = self._cache
-        if cache is None or cache["source"] is not model:
-            return False
-        if any(m._buffers.get(n) is not b for m, n, b in cache["slots"]):
-            return False
-        return all(t.device == d and t.dtype == k for t, d, k in cache["keys"])
-
-    def _build_cache(self, model: nn.Module) -> dict[str, Any]:
-        # Parameters are kept as objects (moving a module swaps their data, not the objects);
-        # buffers are replaced on moves, hence the slots that are checked before every update.
-        averaged = [*self.module.parameters(), *self.module.buffers()]
-        current = [*model.parameters(), *model.buffers()]
-        if len(averaged) != len(current):
-            raise ValueError("the EMA copy and the network hold different numbers of tensors")
-        keys = [(t, t.device, t.dtype) for t in (*averaged, *current)]
-        slots = self._slots(self.module) + self._slots(model)
-        pairs = list(zip(averaged, current, strict=True))
-        shared = all(a.device == c.device for a, c in pairs)
-        if not shared:  # copies on the EMA's device, made for every update (as AveragedModel does)
-            current = [c.detach().to(a.device) for a, c in pairs]
-            pairs = list(zip(averaged, current, strict=True))
-        grouped = torch.utils._foreach_utils._group_tensors_by_device_and_dtype([averaged, current])
-        groups = [(avg, cur) for (avg, cur), _ in grouped.values()]
-        cache = {"source": model, "keys": keys, "slots": slots, "pairs": pairs, "groups": groups}
-        self._cache = cache if shared else None
-        return cache
-
-    @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
-        cache = self._cache if self._cache_valid(model) else self._build_cache(model)
-        if self._count is None:
-            self._count = int(self.n_averaged)  # one read after building, moving or loading
-        if self._count == 0:
-            for averaged, current in cache["pairs"]:
-                averaged.copy_(current)
-        else:
-            for averaged, current in cache["groups"]:
-                self.multi_avg_fn(averaged, current, self.n_averaged.to(averaged[0].device))
-        self.n_averaged.add_(1)
-        self._count += 1
-
-    def _apply(self, fn, *args, **kwargs):
-        self.forget_tensors()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.forget_tensors()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.update(_cache=None, _count=None)  # references into the source network: not pickled
-        return state
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -270,10 +161,6 @@ class DiffusionModule(L.LightningModule):
         """Per-sample training loss (B,); ``generator`` makes it deterministic (validation)."""
         raise NotImplementedError
 
-    def fit_data(self, train: Tensor) -> None:
-        """Fit what the family takes from the whole training set before training (``ld-train`` calls
-        it with the training split): statistics, closed-form parameters, kernel centres. No-op here."""
-
     @property
     def training_net(self) -> nn.Module:
         """The network as the training loss calls it: ``self.net``, or a wrapper of it that converts
@@ -291,7 +178,7 @@ class DiffusionModule(L.LightningModule):
         state["_training_net"] = None  # a compiled function does not pickle; rebuilt on first use
         return state
 
-    # ---- the data's Gaussian (the teleportation reference) ------------------------------------
+    # ---- data fitted before training: the data's Gaussian (the teleportation reference) ---------
     def register_data_buffer(self, name: str) -> None:
         """A checkpointed buffer, empty until data are fitted; loading resizes it to the saved shape."""
         self.register_buffer(name, torch.empty(0, dtype=torch.float64))
@@ -302,15 +189,21 @@ class DiffusionModule(L.LightningModule):
         self._denoisers.clear()
         self._gaussian = None
 
-    def set_gaussian_reference(self, train: Tensor) -> None:
-        """Store the training set's mean and covariance (Wang & Vastola 2024) for teleportation.
+    def fit_data(self, train: Tensor, gaussian_reference: bool = True) -> None:
+        """Fit what the model takes from the whole training set before training; ``ld-train`` calls it
+        once with the training split. Here: the training set's mean and covariance (Wang & Vastola
+        2024), the reference of teleportation and of the score-deviation callback, unless
+        ``gaussian_reference`` is false (``ld-train gaussian_reference=false``). Families extend it
+        (calling this first) with what they fit: preconditioning statistics, closed-form parameters,
+        kernel centres.
 
-        Kept in float64 buffers, so checkpoints carry them and ``ld-sample`` can teleport; data of
-        ``d`` dimensions add ``8 d^2`` bytes to a checkpoint (75 MB at 3 x 32 x 32).
+        The moments are kept in float64 buffers, so checkpoints carry them and ``ld-sample`` can
+        teleport; data of ``d`` dimensions add ``8 d^2`` bytes to a checkpoint (75 MB at 3 x 32 x 32).
         """
-        mean, cov = data_moments(train.to(self.device))
-        self.gaussian_mean, self.gaussian_cov = mean, cov
-        self.data_changed()
+        if gaussian_reference:
+            mean, cov = data_moments(train.to(self.device))
+            self.gaussian_mean, self.gaussian_cov = mean, cov
+            self.data_changed()
 
     @property
     def gaussian_reference(self) -> GaussianDenoiser | None:
@@ -416,27 +309,30 @@ class DiffusionModule(L.LightningModule):
             "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
         )
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning hands this step's metrics to the loggers (or training ends with it).
+    def _logs_this_step(self, batch_idx: int, stepped: bool) -> bool:
+        """Whether this batch's metrics reach the loggers, or the batch ends an epoch or training.
 
-        Only then are train/loss and train/lr logged, so callback metrics and the progress bar show
-        the values of the last logging step in between. Where Lightning's loop does not expose what
-        is needed, every step logs.
+        Called from ``on_train_batch_end``. Lightning hands a batch's metrics to the loggers when the
+        number of optimiser steps counting this batch (``global_step``, plus one for a batch that
+        only accumulated gradients) is a multiple of ``trainer.log_every_n_steps``, or when the
+        trainer is stopping. Only then, and at the last batch of an epoch or of training, are
+        train/loss and train/lr logged, so callback metrics and the progress bar show the values of
+        the last logging step in between. Public trainer attributes only.
         """
         trainer = self.trainer
-        try:
-            if trainer._logger_connector.should_update_logs:
-                return True
-            if 0 < trainer.max_steps <= trainer.global_step:
-                return True
-            return trainer.fit_loop.epoch_loop._num_ready_batches_reached()
-        except AttributeError:  # pragma: no cover - a Lightning without these internals
-            return True
+        step = trainer.global_step
+        counted = step if stepped else step + 1
+        return (
+            counted % max(1, int(trainer.log_every_n_steps)) == 0
+            or trainer.should_stop
+            or 0 < trainer.max_steps <= step
+            or batch_idx + 1 >= trainer.num_training_batches
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step_loss, lr = self._step_loss, self._step_lr
         self._step_loss = self._step_lr = None
-        if step_loss is None or not self._logs_this_step():
+        if step_loss is None or not self._logs_this_step(batch_idx, stepped=lr is not None):
             return
         self.check_finite_loss()
         loss, batch_size = step_loss
@@ -501,7 +397,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite_loss()  # raises before anything is written: the last good checkpoint stays
         checkpoint[CHECKPOINT_KEY] = dict(self.run_meta)
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None:
             checkpoint[RNG_KEY] = gather_rng_states(trainer.world_size)
             # Rows logged so far reach the disk with the checkpoint (the CSV logger buffers them).
@@ -511,7 +407,7 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         self.run_meta = {**meta, **self.run_meta}
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and trainer.state.fn == "fit":  # before Lightning restores its loops
             align_loop_state(checkpoint)
         states = checkpoint.get(RNG_KEY)

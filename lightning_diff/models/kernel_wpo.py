@@ -101,8 +101,9 @@ class KernelWPO(DiffusionModule):
         self.max_variance = max_variance
         self.register_data_buffer("centers")
 
-    def fit_data(self, train: Tensor) -> None:
+    def fit_data(self, train: Tensor, gaussian_reference: bool = True) -> None:
         """Choose the kernel centres and start the precision field at the initial bandwidth."""
+        super().fit_data(train, gaussian_reference)
         flat = train.reshape(train.shape[0], -1)
         n = flat.shape[0]
         if self.num_centers is not None and self.num_centers < n:

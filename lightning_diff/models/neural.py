@@ -57,9 +57,10 @@ class PreconditionedModule(DiffusionModule):
         """The family's denoiser class around ``net`` with these preconditioning statistics."""
         raise NotImplementedError
 
-    def fit_data(self, train: Tensor) -> None:
+    def fit_data(self, train: Tensor, gaussian_reference: bool = True) -> None:
         """Fit the training mean and scale that ``edm`` preconditioning uses (kept for every
         parameterisation, so a checkpoint records them)."""
+        super().fit_data(train, gaussian_reference)
         mean, scale = data_statistics(train.to(self.device))
         self.data_mean = mean
         self.data_scale = torch.tensor([scale], dtype=torch.float64, device=self.device)
