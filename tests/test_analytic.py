@@ -181,6 +181,17 @@ def test_analytic_family_trains_checkpoints_and_samples(analytic_runs, kind, tmp
         assert nn_dist.median() < 5e-3 and nn_dist.max() < 0.05  # at the last level, sigma = 0.01
 
 
+def test_a_run_that_teleports_while_training_writes_loadable_checkpoints(tmp_path):
+    """Sample grids and the evaluation teleport during training: the data's Gaussian they build
+    stays out of the module tree, so the checkpoints written afterwards load."""
+    run_dir = tmp_path / "run"
+    train(compose_train(["data=moons", "data.num_samples=500", "sampler=teleport_ddim"], run_dir))
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert not [k for k in read_checkpoint(ckpt)["state_dict"] if "_gaussian" in k]
+    loaded, _ = load_model(ckpt)
+    assert loaded.gaussian_reference is not None
+
+
 def test_ddpm_checkpoint_teleports_and_old_checkpoints_still_load(tmp_path):
     run_dir = tmp_path / "run"
     train(compose_train(["data=moons", "trainer.max_steps=2", "data.num_samples=1000"], run_dir))

@@ -113,3 +113,15 @@ def test_callback_sees_every_step():
         GaussianDenoiser(MEAN, COV), DiscreteSchedule(), (4, 2), None, callback=lambda d: seen.append(d["i"])
     )
     assert seen == list(range(7))
+
+
+def test_every_family_schedule_is_a_sampler_schedule():
+    from lightning_diff.diffusion.samplers import Schedule
+    from lightning_diff.diffusion.sdes import VESDE, VPSDE, SubVPSDE
+
+    for schedule in (DiscreteSchedule("linear"), DiscreteSchedule("cosine"), VPSDE(), SubVPSDE(), VESDE()):
+        assert isinstance(schedule, Schedule), type(schedule).__name__
+        sigmas = schedule.sampling_sigmas(8, "karras")
+        assert sigmas[-1] == 0 and bool((sigmas[:-1] > sigmas[1:]).all())
+        assert float(schedule.prior_std(sigmas[0])) >= float(sigmas[0]) * 0.99
+    assert not isinstance(object(), Schedule)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -21,6 +21,22 @@ from lightning_diff.diffusion.random import SampleGenerators, randn
 from lightning_diff.errors import ConfigError
 
 StepCallback = Callable[[dict[str, Any]], None]
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """What a sampler needs of a family's noise process: DDPM's ``DiscreteSchedule`` and the score
+    SDEs (``VPSDE``, ``SubVPSDE``, ``VESDE``) provide it."""
+
+    def sampling_sigmas(self, num_steps: int, spacing: str) -> Tensor:
+        """The decreasing noise levels of a ``num_steps``-step grid, ending at 0."""
+        ...
+
+    def prior_std(self, sigma: Tensor | float) -> Tensor | float:
+        """The standard deviation of the prior ``x`` at noise level ``sigma`` (the grid's first)."""
+        ...
+
+
 Generator = torch.Generator | SampleGenerators | None
 
 
@@ -134,6 +150,9 @@ class Sampler:
         spacing: how the steps are placed on a discrete schedule (see ``DiscreteSchedule.timesteps``).
     """
 
+    #: Whether the sampler starts from the data's Gaussian (``reference``); see :meth:`__call__`.
+    needs_reference = False
+
     def __init__(self, fn: Callable[..., tuple[Tensor, int]], num_steps: int = 50, spacing: str = "leading"):
         self.fn = fn
         self.num_steps = int(num_steps)
@@ -142,15 +161,18 @@ class Sampler:
     def __call__(
         self,
         denoiser: Denoiser,
-        schedule: Any,
+        schedule: Schedule,
         shape: tuple[int, ...],
         generator: Generator = None,
         device: torch.device | str = "cpu",
         callback: StepCallback | None = None,
+        reference: Denoiser | None = None,
     ) -> tuple[Tensor, int]:
         """Draw prior noise for ``shape`` and integrate it to data; ``schedule`` supplies the grid.
 
-        ``schedule`` provides ``sampling_sigmas(num_steps, spacing)`` and ``prior_std(sigma)``.
+        Every sampler takes the same context: ``reference`` is the data's Gaussian as a denoiser
+        (the model's ``gaussian_reference``), passed to samplers whose ``needs_reference`` is true
+        (teleportation) and ignored by the others.
         """
         sigmas = schedule.sampling_sigmas(self.num_steps, self.spacing).to(device)
         x = randn(shape, generator, device=device) * float(schedule.prior_std(sigmas[0]))

@@ -17,15 +17,13 @@ Where the start is drawn from (``start``):
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.analytic import gaussian_flow, gaussian_marginal_sample
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import randn
-from lightning_diff.diffusion.samplers import Generator, Sampler, StepCallback
+from lightning_diff.diffusion.samplers import Generator, Sampler, Schedule, StepCallback
 from lightning_diff.errors import ConfigError
 
 STARTS = ("marginal", "prior")
@@ -49,6 +47,8 @@ class Teleport(Sampler):
     sample and its count is taken. For fixed-step samplers this is exact (used + saved equals a full
     run); for the adaptive ODE solver it is the count the solver needs on the Gaussian model.
     """
+
+    needs_reference = True  # DiffusionModule.sample passes the data's Gaussian
 
     def __init__(
         self,
@@ -91,7 +91,7 @@ class Teleport(Sampler):
     def __call__(
         self,
         denoiser: Denoiser,
-        schedule: Any,
+        schedule: Schedule,
         shape: tuple[int, ...],
         generator: Generator = None,
         device: torch.device | str = "cpu",

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from lightning_diff.diffusion.analytic import data_moments
 from lightning_diff.diffusion.denoisers import ClampedDenoiser, Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import SampleGenerators, ShardedGenerator
-from lightning_diff.diffusion.samplers import Sampler, sample_ddim
-from lightning_diff.diffusion.teleport import Teleport
+from lightning_diff.diffusion.samplers import Sampler, Schedule, sample_ddim
 from lightning_diff.errors import ConfigError
 from lightning_diff.lightning_internals import attached_trainer
 from lightning_diff.models.ema import EMAUpdate, ExponentialAverage
@@ -152,7 +151,7 @@ class DiffusionModule(L.LightningModule):
         self.register_data_buffer("gaussian_cov")
 
     # ---- what a family provides -------------------------------------------------------------
-    schedule: Any
+    schedule: Schedule
 
     def make_denoiser(self, net: nn.Module) -> Denoiser:
         raise NotImplementedError
@@ -209,7 +208,8 @@ class DiffusionModule(L.LightningModule):
     def gaussian_reference(self) -> GaussianDenoiser | None:
         """The data's Gaussian as a denoiser, or None when no data were fitted (an older checkpoint)."""
         if self._gaussian is None and self.gaussian_mean.numel():
-            self._gaussian = GaussianDenoiser(self.gaussian_mean, self.gaussian_cov)
+            # Kept outside the module tree: a submodule would add keys to every later checkpoint.
+            self.__dict__["_gaussian"] = GaussianDenoiser(self.gaussian_mean, self.gaussian_cov)
         return self._gaussian
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -252,10 +252,9 @@ class DiffusionModule(L.LightningModule):
         denoiser.eval()
         try:
             shape = (num_samples, *data_shape)
-            if isinstance(sampler, Teleport):
-                ref = self.gaussian_reference
-                return sampler(denoiser, self.schedule, shape, generator, self.device, reference=ref)
-            return sampler(denoiser, self.schedule, shape, generator, self.device)
+            # The data's Gaussian is built (an eigendecomposition) only for samplers that start from it.
+            ref = self.gaussian_reference if getattr(sampler, "needs_reference", False) else None
+            return sampler(denoiser, self.schedule, shape, generator, self.device, reference=ref)
         finally:
             denoiser.train(was_training)
 
