@@ -54,7 +54,7 @@ def run_cell(data: str, family: str, size: str, root: Path, seed: int) -> dict:
         cmd = [
             sys.executable,
             "-m",
-            "lightning_diff.train",
+            "lightning_diff.cli.train",
             *EXPERIMENTS[data][family],
             f"data.num_train={num_train}",
             f"run_dir={run_dir}",

@@ -57,7 +57,7 @@ part metrics 45 "$py" bench/metrics.py $metrics
 part optimizer_step 40 "$py" bench/optimizer_step.py $optimizer
 part gpu_tests 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_paths.py tests/test_gpu.py
 # The demo with every switch on: bf16 autocast, torch.compile, channels_last, fused AdamW.
-part demo_all_switches 120 "$py" -m lightning_diff.train experiment=digits_ddpm trainer=gpu \
+part demo_all_switches 120 "$py" -m lightning_diff.cli.train experiment=digits_ddpm trainer=gpu \
     model.channels_last=true model.optimizer.fused=true logger=csv run_dir="${TMPDIR:-/tmp}/bench-gpu-demo" $demo
 echo "demo metrics: $(cat "${TMPDIR:-/tmp}/bench-gpu-demo/metrics.json" 2>&1)" | tee -a "$log"
 # Every sampler, and teleportation, on the checkpoint the demo part leaves.

@@ -20,9 +20,9 @@ from hydra.utils import instantiate
 
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli import CONF_DIR
-from lightning_diff.metrics.evaluate import evaluate_samples
-from lightning_diff.sample import build_sampler
-from lightning_diff.sampling import generate
+from lightning_diff.cli.sample import build_sampler
+from lightning_diff.generation import generate
+from lightning_diff.metrics.pipeline import evaluate_samples
 
 # (config name, step count) pairs to time; each sampler at a few budgets.
 RUNS = [

@@ -23,8 +23,8 @@ from hydra.utils import instantiate
 
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli import CONF_DIR
-from lightning_diff.metrics.evaluate import evaluate_samples
-from lightning_diff.sampling import generate
+from lightning_diff.generation import generate
+from lightning_diff.metrics.pipeline import evaluate_samples
 
 SKIPS = (0.0, 0.1, 0.2, 0.3, 0.4)
 SAMPLERS = (("teleport_ddim", 50), ("teleport_heun", 18))

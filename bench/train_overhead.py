@@ -50,7 +50,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_diff.checkpoints import build_family_net
 from lightning_diff.cli import CONF_DIR
-from lightning_diff.resume import step_seed
+from lightning_diff.seeding import step_seed
 
 CASES = {
     "unet": ["experiment=digits_ddpm"],

@@ -35,8 +35,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from lightning_diff.cli import CONF_DIR
+from lightning_diff.cli.train import train
 from lightning_diff.metrics.outliers import covariance_error, mixture_report, outlier_fraction
-from lightning_diff.train import train
 
 MODELS = {
     "ddpm_eps": ["model=ddpm", "model.prediction=eps"],

@@ -131,9 +131,3 @@ def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
         dist.all_gather_object(out, mine)
         return out
     return [mine]
-
-
-def step_seed(seed: int, step: int, micro_batch: int = 0) -> int:
-    """The seed of the training noise of optimiser step ``step`` (and micro-batch under accumulation)."""
-    words = [int(seed) & 0xFFFFFFFF, int(step), int(micro_batch), 0x6E6F6973]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])

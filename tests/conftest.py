@@ -54,7 +54,7 @@ def compose_named(config_name: str, overrides: list[str]) -> DictConfig:
 @pytest.fixture
 def tiny_train():
     """Run ``train`` on a composed tiny config; returns (metrics, objects)."""
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
 
     def run(overrides: list[str], run_dir) -> tuple[dict, dict]:
         return train(compose_train(overrides, run_dir))

@@ -10,6 +10,8 @@ import torch
 from conftest import compose_named, compose_train
 
 from lightning_diff.checkpoints import load_model, read_checkpoint
+from lightning_diff.cli.sample import sample
+from lightning_diff.cli.train import train
 from lightning_diff.diffusion import DiscreteSchedule, GaussianDenoiser, Sampler, sample_ddim, sample_pc
 from lightning_diff.diffusion.analytic import (
     EmpiricalDenoiser,
@@ -20,8 +22,6 @@ from lightning_diff.diffusion.analytic import (
 from lightning_diff.diffusion.ode import sample_heun
 from lightning_diff.diffusion.teleport import Teleport
 from lightning_diff.errors import ConfigError
-from lightning_diff.sample import sample
-from lightning_diff.train import train
 
 MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)
 COV = torch.tensor([[2.0, 0.6], [0.6, 0.5]], dtype=torch.float64)

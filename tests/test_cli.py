@@ -15,12 +15,12 @@ from conftest import compose_named, compose_train
 from omegaconf import open_dict
 
 from lightning_diff.checkpoints import load_model
+from lightning_diff.cli.evaluate import evaluate
+from lightning_diff.cli.sample import sample
+from lightning_diff.cli.train import train
 from lightning_diff.diffusion import Sampler, sample_ancestral
 from lightning_diff.errors import CheckpointError, ConfigError, DataError
-from lightning_diff.evaluate import evaluate
-from lightning_diff.sample import sample
-from lightning_diff.sampling import generate
-from lightning_diff.train import train
+from lightning_diff.generation import generate
 
 
 @pytest.fixture(scope="module")
@@ -125,20 +125,20 @@ def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
 def test_cli_reports_user_errors_in_one_line(tmp_path):
     """Through the real entry points: a missing data file and a corrupt checkpoint print one line."""
     missing = run_cli(
-        "lightning_diff.train", "data=array", f"data.path={tmp_path / 'x.npy'}", f"run_dir={tmp_path}/r"
+        "lightning_diff.cli.train", "data=array", f"data.path={tmp_path / 'x.npy'}", f"run_dir={tmp_path}/r"
     )
     assert missing.returncode == 2
     lines = [ln for ln in missing.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "x.npy" in lines[0] and "Traceback" not in missing.stderr
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"garbage")
-    corrupt = run_cli("lightning_diff.sample", f"ckpt={bad}")
+    corrupt = run_cli("lightning_diff.cli.sample", f"ckpt={bad}")
     assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
     assert [ln for ln in corrupt.stderr.splitlines() if ln.startswith("error:")][0].count("corrupt") == 1
 
 
 def test_cli_unknown_config_key_names_the_key_and_the_fix(tmp_path):
-    result = run_cli("lightning_diff.train", "no_such_key=1", f"run_dir={tmp_path}/r")
+    result = run_cli("lightning_diff.cli.train", "no_such_key=1", f"run_dir={tmp_path}/r")
     assert result.returncode != 0
     assert "no_such_key" in result.stderr and "+no_such_key" in result.stderr
 
@@ -159,8 +159,8 @@ def test_sample_with_every_sampler(ckpt, tmp_path, sampler):
 
 def test_reference_statistics_are_cached_and_reused(tmp_path, monkeypatch):
     from lightning_diff.data import DigitsDataModule
-    from lightning_diff.metrics.evaluate import build_suite
     from lightning_diff.metrics.frechet import FrechetDistance
+    from lightning_diff.metrics.pipeline import build_suite
 
     dm = DigitsDataModule()
     first = build_suite(dm, kid=False, cache_dir=tmp_path)

@@ -60,7 +60,7 @@ def test_slurm_template_requeues_and_runs_ld_train_with_composable_overrides():
 
 @pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
 def test_multirun_refuses_multiprocess_training(trainer):
-    from lightning_diff.train import refuse_multiprocess_multirun
+    from lightning_diff.cli.train import refuse_multiprocess_multirun
 
     with pytest.raises(ConfigError, match="multirun"):
         refuse_multiprocess_multirun(compose_train([f"trainer={trainer}"]))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lightning_diff.compare import flatten, main
+from lightning_diff.cli.compare import flatten, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def two_runs(tmp_path_factory):
     from conftest import compose_train
 
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
 
     base = tmp_path_factory.mktemp("runs")
     runs = []
@@ -78,7 +78,7 @@ def test_unknown_metric_is_one_line_error(two_runs, tmp_path, capsys):
 
 def test_missing_run_directory_is_one_line_error_from_the_module(two_runs, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_diff.compare", str(two_runs[0]), str(tmp_path / "absent")]
+        [sys.executable, "-m", "lightning_diff.cli.compare", str(two_runs[0]), str(tmp_path / "absent")]
         + ["--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,
@@ -103,7 +103,7 @@ def test_directory_without_config_is_one_line_error(tmp_path, capsys):
 
 def test_console_script_and_flatten():
     scripts = (ROOT / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
-    assert 'ld-compare = "lightning_diff.compare:main"' in scripts.splitlines()
+    assert 'ld-compare = "lightning_diff.cli.compare:main"' in scripts.splitlines()
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2], "f": {}}) == {
         "a.b": 1,
         "a.c.d": None,

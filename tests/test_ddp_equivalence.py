@@ -11,7 +11,7 @@ from conftest import compose_train
 from PIL import Image
 
 from lightning_diff.checkpoints import read_checkpoint
-from lightning_diff.train import train
+from lightning_diff.cli.train import train
 
 BASE = [
     "data=moons",

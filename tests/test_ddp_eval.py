@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import compose_named, compose_train
 
-from lightning_diff.evaluate import evaluate
-from lightning_diff.train import train
+from lightning_diff.cli.evaluate import evaluate
+from lightning_diff.cli.train import train
 
 
 @pytest.mark.ddp

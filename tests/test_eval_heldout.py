@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import compose_named
 
-from lightning_diff.evaluate import evaluate
+from lightning_diff.cli.evaluate import evaluate
 
 HELDOUT_ONLY = {"eval/fd_raw_heldout", "eval/sliced_wasserstein_train"}
 HELDOUT_REFERENCED = {"eval/sliced_wasserstein", "eval/mmd", "eval/tv_hist"}

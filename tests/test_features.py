@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lightning_diff.cli.train_digits_classifier import main as rebuild
 from lightning_diff.data import DigitsDataModule
 from lightning_diff.metrics.features import DigitsClassifier, DigitsFeatures, RawFeatures
-from lightning_diff.metrics.train_digits_classifier import main as rebuild
 
 
 def test_shipped_digits_classifier_recognises_held_out_digits():

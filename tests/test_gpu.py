@@ -10,7 +10,7 @@ import torch
 from conftest import compose_train
 from hydra.utils import instantiate
 
-from lightning_diff.metrics.evaluate import build_suite
+from lightning_diff.metrics.pipeline import build_suite
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import compose_named, compose_train
 
+from lightning_diff.cli.evaluate import evaluate
+from lightning_diff.cli.train import train
 from lightning_diff.diffusion import DiscreteSchedule, GaussianDenoiser, Sampler
 from lightning_diff.diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood, sigma_range
 from lightning_diff.diffusion.ode import sample_heun, sample_ode_adaptive, solve_dopri5
 from lightning_diff.errors import ConfigError
-from lightning_diff.evaluate import evaluate
-from lightning_diff.train import train
 
 MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)
 COV = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64)

@@ -13,7 +13,7 @@ from conftest import compose_train
 from omegaconf import open_dict
 
 from lightning_diff.checkpoints import read_checkpoint
-from lightning_diff.train import train
+from lightning_diff.cli.train import train
 
 # 90 training points in global batches of 32: 2 steps per epoch, so 12 steps cross 5 epoch ends.
 EXACT = [
@@ -419,7 +419,7 @@ def test_run_dir_default_comes_from_the_environment_while_training(tmp_path, mon
 
     import lightning as L
 
-    from lightning_diff.train import RUN_DIR_ENV
+    from lightning_diff.cli.train import RUN_DIR_ENV
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     first, second = compose_train([]).run_dir, None

@@ -119,7 +119,7 @@ def test_default_sigmas_follow_the_schedule_range():
 
 
 def test_callback_writes_scalars_and_plot(tmp_path):
-    from lightning_diff.train import train
+    from lightning_diff.cli.train import train
 
     run_dir = tmp_path / "run"
     overrides = [

@@ -24,6 +24,7 @@ from conftest import compose_train
 from hydra.utils import instantiate
 from torch.distributions import MultivariateNormal
 
+from lightning_diff.cli.train import train
 from lightning_diff.diffusion import (
     SDE,
     VESDE,
@@ -42,7 +43,6 @@ from lightning_diff.errors import ConfigError
 from lightning_diff.metrics.distances import sliced_wasserstein
 from lightning_diff.models import ScoreSDE
 from lightning_diff.nets import MLP
-from lightning_diff.train import train
 
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)

@@ -21,9 +21,9 @@ from lightning_diff.cli import CONF_DIR
 ROOT = Path(__file__).resolve().parent.parent
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 PROGRAMS = {
-    "lightning_diff.evaluate": "eval",
-    "lightning_diff.train": "train",
-    "lightning_diff.sample": "sample",
+    "lightning_diff.cli.evaluate": "eval",
+    "lightning_diff.cli.train": "train",
+    "lightning_diff.cli.sample": "sample",
 }
 
 
@@ -116,7 +116,7 @@ def test_hydra_multirun_gives_each_job_its_own_run_directory(tmp_path):
         "callbacks.evaluation.num_samples=16",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    command = [sys.executable, "-m", "lightning_diff.train", "-m", "seed=1,2", *overrides]
+    command = [sys.executable, "-m", "lightning_diff.cli.train", "-m", "seed=1,2", *overrides]
     result = subprocess.run(
         [*command, f"hydra.sweep.dir={sweep_dir}"],
         cwd=tmp_path,

@@ -17,8 +17,8 @@ import torch
 from conftest import compose_named, compose_train
 from hydra.utils import instantiate
 
+from lightning_diff.cli.train import train
 from lightning_diff.metrics.outliers import covariance_error, mixture_report, outlier_fraction
-from lightning_diff.train import train
 
 # 2000 samples: a single far sample is 0.05%, the bar.
 NUM_TRAIN, NUM_SAMPLES, STEPS = 3000, 2000, 1500

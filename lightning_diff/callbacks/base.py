@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-
-def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:
-    """Merge ``metrics`` into the JSON file at ``path`` (created if missing), atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.update(extra)
-    current.update(metrics)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+from lightning_diff.metrics.pipeline import write_metrics
 
 
 def publish_metrics(

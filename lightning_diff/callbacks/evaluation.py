@@ -11,8 +11,8 @@ import torch
 from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
-from lightning_diff.metrics.evaluate import build_suite, inception, save_memorization_figures
-from lightning_diff.sampling import gather_shards, generate, shard_indices
+from lightning_diff.generation import gather_shards, generate, shard_indices
+from lightning_diff.metrics.pipeline import build_suite, inception, save_memorization_figures
 
 
 class SampleEvaluation(PeriodicCallback):

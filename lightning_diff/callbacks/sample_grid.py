@@ -8,8 +8,8 @@ import lightning as L
 
 from lightning_diff.callbacks.base import PeriodicCallback
 from lightning_diff.diffusion.samplers import Sampler
+from lightning_diff.generation import generate
 from lightning_diff.plotting import save_samples_figure
-from lightning_diff.sampling import generate
 
 
 def log_image(trainer: L.Trainer, key: str, path: Path) -> None:

@@ -23,9 +23,9 @@ from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.likelihood import sigma_range
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
+from lightning_diff.generation import shard_indices
 from lightning_diff.metrics.distances import random_rows
 from lightning_diff.metrics.score_deviation import ScoreDeviation
-from lightning_diff.sampling import shard_indices
 
 log = logging.getLogger(__name__)
 

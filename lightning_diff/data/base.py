@@ -18,36 +18,15 @@ from disk lazily), and sets :attr:`DiffusionDataModule.name`.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_diff.errors import ConfigError, DataError
-
-
-def derived_seed(seed: int, purpose: str) -> int:
-    """Return a 63-bit seed for one ``purpose`` (e.g. ``"split"``), derived from the user's ``seed``.
-
-    The split, the shuffle order and the generation of synthetic samples each get their own random
-    stream. Seeding them all with ``seed`` itself would make, say, the held-out permutation a
-    function of the same random bits as the samples; mixing in a hash of the purpose through
-    NumPy's ``SeedSequence`` keeps the streams independent while staying fully determined by
-    ``seed``.
-    """
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, zlib.crc32(purpose.encode())])
-    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def seeded_generator(seed: int, purpose: str) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with :func:`derived_seed` ``(seed, purpose)``."""
-    generator = torch.Generator()
-    generator.manual_seed(derived_seed(seed, purpose))
-    return generator
+from lightning_diff.seeding import seeded_generator
 
 
 def per_device_batch_size(batch_size: int, world_size: int) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DistributedSampler
 
-from lightning_diff.data.base import derived_seed
+from lightning_diff.seeding import derived_seed
 
 
 class ResumableSampler(DistributedSampler):

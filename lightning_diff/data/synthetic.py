@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_diff.data.base import DiffusionDataModule, seeded_generator
+from lightning_diff.data.base import DiffusionDataModule
 from lightning_diff.errors import ConfigError
+from lightning_diff.seeding import seeded_generator
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

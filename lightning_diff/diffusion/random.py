@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_diff.seeding import sample_seed
 
 
 class SampleGenerators:
     """One ``torch.Generator`` per sample, seeded from ``(seed, index)``, drawn row by row.
 
-    The pair is mixed into one 32-bit word by NumPy's ``SeedSequence``: torch's CPU generator keeps
-    only the low 32 bits of a seed, so packing the pair into 64 bits would ignore ``seed``.
+    The pair is mixed into one 32-bit word (:func:`lightning_diff.seeding.sample_seed`).
     """
 
     def __init__(self, indices: Sequence[int], seed: int = 0, device: torch.device | str = "cpu"):
@@ -29,7 +29,7 @@ class SampleGenerators:
         self.generators = []
         for i in self.indices:
             g = torch.Generator(device=self.device)
-            g.manual_seed(int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0]))
+            g.manual_seed(sample_seed(seed, i))
             self.generators.append(g)
 
     def __len__(self) -> int:

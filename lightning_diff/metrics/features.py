@@ -67,7 +67,7 @@ class DigitsFeatures(nn.Module):
 
             raise ConfigError(
                 f"digits classifier weights {path} not found: rebuild them with "
-                "`python -m lightning_diff.metrics.train_digits_classifier`"
+                "`python -m lightning_diff.cli.train_digits_classifier`"
             )
         self.classifier = DigitsClassifier()
         self.classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

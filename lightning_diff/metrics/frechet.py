@@ -9,7 +9,7 @@ raw coordinates or in a small classifier's features is not an FID and must not b
 Under DDP the states are reduced by torchmetrics inside ``compute()``, which every rank must call.
 ``FrechetDistance`` reduces sufficient statistics (sums), so its value does not depend on how the
 samples were split; ``KernelDistance`` gathers features in rank order, so with contiguous
-seed-sharded generation (``lightning_diff.sampling.shard_indices``) its random subsets, and hence its
+seed-sharded generation (``lightning_diff.generation.shard_indices``) its random subsets, and hence its
 value, equal the single-process ones.
 """
 

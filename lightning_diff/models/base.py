@@ -31,8 +31,8 @@ from lightning_diff.resume import (
     gather_rng_states,
     rank_rng_state,
     set_rng_states,
-    step_seed,
 )
+from lightning_diff.seeding import step_seed
 
 CHECKPOINT_KEY = "lightning_diff"
 #: Training losses held on the device before they are checked for NaN/inf at the latest.

@@ -1,4 +1,4 @@
-"""Rebuild the shipped digits classifier: ``python -m lightning_diff.metrics.train_digits_classifier``.
+"""Rebuild the shipped digits classifier: ``python -m lightning_diff.cli.train_digits_classifier``.
 
 Trains :class:`DigitsClassifier` on the training split of scikit-learn's digits (the split of
 ``DigitsDataModule`` with seed 0), reports held-out accuracy, and saves the weights (about 0.3 MB)

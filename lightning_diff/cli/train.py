@@ -30,7 +30,7 @@ from lightning_diff.cli import CONF_DIR, one_line_errors
 from lightning_diff.errors import ConfigError
 from lightning_diff.loggers import fill_wandb_labels, trim_csv_log
 
-log = logging.getLogger("lightning_diff.train")
+log = logging.getLogger("lightning_diff.cli.train")
 
 # The training DataModules resume mid-epoch through their own state (see data/sampler.py), which
 # Lightning cannot see; its warning that the loader is not resumable does not apply.

@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device
 from lightning_diff.diffusion.samplers import Sampler
+from lightning_diff.generation import generate
 from lightning_diff.plotting import save_samples_figure
-from lightning_diff.sampling import generate
 
-log = logging.getLogger("lightning_diff.sample")
+log = logging.getLogger("lightning_diff.cli.sample")
 
 
 def build_sampler(cfg: DictConfig, model) -> Sampler:

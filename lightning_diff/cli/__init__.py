@@ -1,4 +1,6 @@
-"""What the three Hydra entry points share: one-line errors and device selection."""
+"""The command line: ``ld-train`` (:mod:`.train`), ``ld-sample`` (:mod:`.sample`), ``ld-eval``
+(:mod:`.evaluate`) and ``ld-compare`` (:mod:`.compare`), and what they share: the config root,
+one-line errors and device selection."""
 
 from __future__ import annotations
 
@@ -53,4 +55,4 @@ def pick_device(name: str) -> torch.device:
 
 
 # The Hydra config root (``conf/`` beside the package in a source checkout or editable install).
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")

@@ -4,6 +4,7 @@ samples, add the optional Inception metrics and the real-data baselines, and dra
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,16 @@ def save_memorization_figures(
         pairs = torch.cat([samples[positions.cpu()].cpu(), train[nearest.cpu()].cpu()])
         paths.append(save_samples_figure(pairs, out_dir / f"nearest_{tag}.png", nrow=len(positions)))
     return paths
+
+
+def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:
+    """Merge ``metrics`` into the JSON file at ``path`` (created if missing), atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(extra)
+    current.update(metrics)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path

@@ -19,16 +19,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_diff.callbacks.base import write_metrics
-from lightning_diff.callbacks.likelihood import heldout_data, likelihood_metrics, log_likelihoods
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device
+from lightning_diff.cli.sample import build_sampler
 from lightning_diff.errors import ConfigError, DataError
-from lightning_diff.metrics.evaluate import evaluate_samples, save_memorization_figures
-from lightning_diff.sample import build_sampler
-from lightning_diff.sampling import generate
+from lightning_diff.generation import generate
+from lightning_diff.metrics.likelihood import heldout_data, likelihood_metrics, log_likelihoods
+from lightning_diff.metrics.pipeline import evaluate_samples, save_memorization_figures, write_metrics
 
-log = logging.getLogger("lightning_diff.evaluate")
+log = logging.getLogger("lightning_diff.cli.evaluate")
 
 
 def load_samples(path: str | Path, data_shape: tuple[int, ...]) -> torch.Tensor:
