@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+from kernel_fitting import fit_precisions
 
 from lightning_diff.diffusion.analytic import EmpiricalDenoiser
-from lightning_diff.diffusion.kernel_wpo import KernelScore, fit_precisions, loo_objective, scott_bandwidth
+from lightning_diff.diffusion.kernel_wpo import KernelScore, loo_objective, scott_bandwidth
 
 PRECS = ["isotropic", "diagonal", "lowrank", "tangent"]  # tangent: low-rank covariance factors
 

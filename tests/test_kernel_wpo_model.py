@@ -13,11 +13,10 @@ import torch
 from conftest import compose_train
 
 from lightning_diff.checkpoints import load_model
-from lightning_diff.diffusion import SAMPLERS
 from lightning_diff.diffusion.analytic import EmpiricalDenoiser
 from lightning_diff.diffusion.kernel_wpo import KernelScore
 from lightning_diff.diffusion.random import SampleGenerators
-from lightning_diff.diffusion.samplers import Sampler
+from lightning_diff.diffusion.samplers import Sampler, sample_ddim
 from lightning_diff.errors import ConfigError
 from lightning_diff.metrics.memorization import Memorization
 from lightning_diff.models.kernel_wpo import KernelWPO
@@ -39,7 +38,7 @@ def _fit(model: KernelWPO, train: torch.Tensor, steps: int, lr: float = 5e-3, ba
 
 
 def _sample(model: KernelWPO, n: int, steps: int = 100, seed: int = 0) -> torch.Tensor:
-    sampler = Sampler(SAMPLERS["ddim"], num_steps=steps)
+    sampler = Sampler(sample_ddim, num_steps=steps)
     x, _ = model.sample(
         n, (model.centers.shape[1],), sampler, SampleGenerators(range(n), seed), use_ema=False
     )

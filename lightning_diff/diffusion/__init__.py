@@ -15,18 +15,7 @@ from lightning_diff.diffusion.sde_samplers import sample_euler_maruyama, sample_
 from lightning_diff.diffusion.sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
 from lightning_diff.diffusion.utils import append_dims
 
-# Every sampler by its config name (conf/sampler/<name>.yaml); all share one signature.
-SAMPLERS = {
-    "ddim": sample_ddim,
-    "ancestral": sample_ancestral,
-    "euler_maruyama": sample_euler_maruyama,
-    "pc": sample_pc,
-    "heun": sample_heun,
-    "ode": sample_ode_adaptive,
-}
-
 __all__ = [
-    "SAMPLERS",
     "SDE",
     "VESDE",
     "VPSDE",

@@ -24,9 +24,10 @@ The sums over training points run over chunks with a running log-sum-exp, in mat
 (memory ``batch x chunk x r``), or over each query's ``top_k`` Euclidean nearest training points.
 
 As every ``p_i -> inf`` the score tends to the empirical (memorizing) score of the training set.
-:func:`fit_precisions` minimises Hyvarinen's objective ``E[1/2 |s|^2 + div s]`` on the training points,
-each scored by the mixture of the *other* points (leave-one-out) so that the self-centre optimum
-(``p_i -> inf``, which sends the objective to minus infinity) is not available.
+:func:`loo_objective` is Hyvarinen's objective ``E[1/2 |s|^2 + div s]`` on the training points, each
+scored by the mixture of the *other* points (leave-one-out) so that the self-centre optimum
+(``p_i -> inf``, which sends the objective to minus infinity) is not available; the family's
+LightningModule (``models/kernel_wpo.py``) minimises it.
 """
 
 from __future__ import annotations
@@ -396,39 +397,3 @@ def loo_objective(
         idx = torch.arange(kernel.num_points, device=kernel.points.device)
     x = kernel.points[idx]
     return kernel.hyvarinen(x, sigma, exclude=idx if loo else None).mean()
-
-
-def fit_precisions(
-    kernel: KernelScore,
-    steps: int = 200,
-    lr: float = 0.05,
-    loo: bool = True,
-    batch_size: int | None = None,
-    sigma: float = 0.0,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-) -> list[float]:
-    """Fit the local precisions by implicit (Hyvarinen) score matching of the data-time mixture.
-
-    Adam on ``log p_i`` (and ``U_i``) minimising :func:`loo_objective` over mini-batches of
-    ``batch_size`` training points (all of them when None). ``loo=False`` scores each point under a
-    mixture that contains its own kernel: the objective is then unbounded below as ``p_i -> inf``
-    (the memorizing optimum) and is only there to demonstrate that. ``sigma > 0`` fits the mixture
-    smoothed by that much noise instead (ours, not the paper's). Returns the loss per step.
-    """
-    opt = torch.optim.Adam(
-        [p for p in kernel.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
-    gen = torch.Generator().manual_seed(int(seed))
-    n = kernel.num_points
-    history = []
-    for _ in range(int(steps)):
-        idx = None
-        if batch_size is not None and batch_size < n:
-            idx = torch.randperm(n, generator=gen)[:batch_size].to(kernel.points.device)
-        loss = loo_objective(kernel, idx, sigma, loo)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-    return history
