@@ -117,3 +117,13 @@ def test_lightning_internals_are_read_in_one_module():
             if PRIVATE_READS.search(code) and not code.lstrip().startswith(("'", '"')):
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_every_long_module_says_why():
+    long = {
+        str(path.relative_to(PACKAGE.parent)): n
+        for path in modules().values()
+        if (n := len(path.read_text().splitlines())) > 400
+        and "Over 400 lines:" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    }
+    assert not long, f"modules over 400 lines without a reason at their top: {long}"

@@ -6,8 +6,7 @@ Every DataModule derives from :class:`DiffusionDataModule` and yields float32 ba
 
 from lightning_diff.data.array import ArrayDataModule, load_array
 from lightning_diff.data.base import DiffusionDataModule, per_device_batch_size
-from lightning_diff.data.images import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
-from lightning_diff.data.synthetic import (
+from lightning_diff.data.distributions import (
     Checkerboard,
     Circle,
     Distribution,
@@ -16,9 +15,10 @@ from lightning_diff.data.synthetic import (
     Rings,
     Sphere,
     SwissRoll,
-    SyntheticDataModule,
     TwoMoons,
 )
+from lightning_diff.data.images import DigitsDataModule, ImageFolderDataModule, TorchvisionDataModule
+from lightning_diff.data.synthetic import SyntheticDataModule
 
 __all__ = [
     "ArrayDataModule",

@@ -5,6 +5,9 @@ denoiser interface), ``schedule`` (an object with ``sampling_sigmas`` and ``prio
 ``loss(batch, generator)`` and, if it needs the training set before training, ``fit_data(train)``.
 Everything downstream (samplers, callbacks, metrics, the CLI) talks to ``denoiser`` and ``sample``
 only.
+
+Over 400 lines: the Lightning hooks that exact resume, the deferred NaN check, logging at logging
+steps and the EMA update rely on run in a fixed order and share state, so they stay in one class.
 """
 
 from __future__ import annotations
