@@ -44,6 +44,12 @@ FAMILIES = {
     "gaussian": ["model=gaussian"],
     "gmm": ["model=gmm"],
 }
+# Relative covariance error allowed after 1500 steps (2000 true samples alone give about 0.03;
+# bench/vector_matrix.py measured 0.02-0.05 for the defaults with heun, 0.10-0.14 with DDIM-50,
+# whose own error is 0.08 with the exact denoiser). x0-prediction passes its network's error to D
+# undamped at low noise, where D must be the identity (edm's c_skip carries it there): 0.06-0.20.
+# DDIM-50 adds its own discretisation error (0.07-0.08 with the exact denoiser, bench/sampler_accuracy.py).
+COV_TOLERANCE = {"ddpm_x0": 0.3, "ddim": 0.2}
 ALL_SAMPLERS = ["heun", "ddim", "ancestral", "euler_maruyama", "pc", "ode"]
 # Every family meets the default sampler (heun) and every sampler meets two families; the full
 # matrix, with three seeds, is bench/vector_matrix.py's (its table is in the README).
@@ -116,7 +122,9 @@ def test_default_samples_of_a_users_vectors(family, kind, sampler, tmp_path_fact
         scale = math.sqrt(float(torch.linalg.eigvalsh(cov).max()))
         mean_error = float((x.mean(0) - torch.as_tensor(GAUSS["mean"])).norm()) / scale
         assert mean_error < 0.1, f"mean off by {mean_error:.3f} data scales"
-        assert covariance_error(x, cov) < 0.15
+        error = covariance_error(x, cov)
+        tolerance = max(COV_TOLERANCE.get(family, 0.15), COV_TOLERANCE.get(sampler, 0.15))
+        assert error < tolerance, f"covariance off by {error:.3f} (relative)"
     else:
         report = mixture_report(x, torch.as_tensor(MIXTURE["means"]), torch.as_tensor(MIXTURE["covs"]))
         assert report["between"] < 0.01, f"{report['between']:.2%} of the samples are between components"
