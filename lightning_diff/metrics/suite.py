@@ -26,13 +26,13 @@ training set and named for it (``sliced_wasserstein_vs_train``, ``mmd_vs_train``
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lightning_diff.errors import ConfigError
+from lightning_diff.generation import shard_indices
 from lightning_diff.metrics.distances import random_rows
 from lightning_diff.metrics.features import DigitsFeatures, RawFeatures
 from lightning_diff.metrics.frechet import FrechetDistance, KernelDistance
@@ -108,8 +108,8 @@ class EvaluationSuite(nn.Module):
         self.kid = KernelDistance(extractor, seed=seed) if kid else None
         # Contiguous blocks, gathered in rank order, rebuild the training set's own order, so the
         # kernel distance's random subsets (and its value) match a single process's.
-        block = math.ceil(len(train) / world_size)
-        self._kid_reference = train[rank * block : (rank + 1) * block]
+        block = shard_indices(len(train), rank, world_size)
+        self._kid_reference = train[block.start : block.stop]
         if self.kid is not None:
             self.kid.update(self._kid_reference, real=True)
         self.memorization = Memorization(train)
