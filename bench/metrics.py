@@ -10,7 +10,7 @@ Parts (``parts=nn,frechet,kernel,topk``):
   runs) with N generated = N training samples, for each N of ``nn_sizes`` and dimension of ``nn_dims``;
 * ``frechet``: ``FrechetDistance`` statistics (``update`` of the real and generated sides, then
   ``compute``) for ``fd_samples`` samples of each ``fd_dims`` feature dimension;
-* ``kernel``: :class:`~lightning_diff.diffusion.kernel_wpo.KernelScore` ``score`` of ``kernel_queries``
+* ``kernel``: :class:`~lightning_diff.diffusion.kernel_score.KernelScore` ``score`` of ``kernel_queries``
   queries at sigma = ``sigma`` against N centres (``kernel_sizes``), dimensions ``kernel_dims``,
   exact and with ``top_k`` = ``kernel_topk``;
 * ``topk``: the relative L2 error ``||s_k - s|| / ||s||`` of the top-k score against the exact one for
@@ -28,7 +28,7 @@ import sys
 import torch
 from common import loglog_slope, machine_line, median, parse_args, table, timed
 
-from lightning_diff.diffusion.kernel_wpo import KernelScore
+from lightning_diff.diffusion.kernel_score import KernelScore
 from lightning_diff.metrics.distances import nearest_neighbours
 from lightning_diff.metrics.frechet import FrechetDistance
 
@@ -145,7 +145,7 @@ def topk_part(args, device) -> None:
 
 
 def exact_bandwidth(train: torch.Tensor) -> float:
-    from lightning_diff.diffusion.kernel_wpo import scott_bandwidth
+    from lightning_diff.diffusion.kernel_score import scott_bandwidth
 
     return scott_bandwidth(train)
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_diff.errors import CheckpointError
-from lightning_diff.models.base import CHECKPOINT_KEY, DiffusionModule
+from lightning_diff.models.diffusion_module import CHECKPOINT_KEY, DiffusionModule
 
 LAST = "last.ckpt"
 
@@ -58,17 +58,27 @@ def find_last(run_dir: str | Path) -> Path | None:
 
 
 def build_family_net(cfg: DictConfig, data_shape: tuple[int, ...]) -> torch.nn.Module:
-    """The network for ``cfg.model``: the family's own ``model.net`` when it has one (kernel WPO's
-    precision field), else the ``net`` group (``net=auto|mlp|unet``), built for ``data_shape``."""
-    own = cfg.model.get("net")
-    return instantiate(own if own is not None else cfg.net, data_shape=data_shape)
+    """The network of the ``net`` group (``net=auto|mlp|unet|precision_field``) built for ``data_shape``;
+    ``model=kernel_wpo`` selects ``precision_field`` itself."""
+    return instantiate(cfg.net, data_shape=data_shape)
+
+
+def stored_config(meta: dict[str, Any]) -> DictConfig:
+    """The run config stored in a checkpoint. Checkpoints of kernel WPO runs written before the
+    precision field became the ``net=precision_field`` option keep it under ``model.net``; it is
+    moved to ``net``, where the current code builds it from."""
+    cfg = OmegaConf.create(meta["config"])
+    if "net" in cfg.model:
+        with open_dict(cfg):
+            cfg.net = cfg.model.pop("net")
+    return cfg
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiffusionModule, DictConfig]:
     """Rebuild the model of a checkpoint from the config stored in it, with raw and EMA weights loaded."""
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
-    cfg = OmegaConf.create(meta["config"])
+    cfg = stored_config(meta)
     net = build_family_net(cfg, tuple(meta["data_shape"]))
     model: DiffusionModule = instantiate(cfg.model, net=net)
     try:

@@ -14,13 +14,15 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # Small nets, few steps, few samples: a training run in a few seconds on 2 CPU cores.
-TINY = [
+TINY_NET = [  # for net=auto|mlp|unet; the kernel model's precision field is small already
     "net.mlp.hidden_dim=32",
     "net.mlp.num_layers=2",
     "net.unet.base_channels=16",
     "net.unet.channel_mult=[1,2]",
     "net.unet.num_res_blocks=1",
     "net.unet.attn_resolutions=[4]",
+]
+TINY = [
     "trainer.max_steps=6",
     "trainer.val_check_interval=3",
     "trainer.log_every_n_steps=1",
@@ -40,6 +42,8 @@ def compose_train(overrides: list[str], run_dir=None, tiny: bool = True) -> Dict
     """Compose ``conf/train.yaml`` with ``overrides`` (after the tiny defaults) as ``ld-train`` would."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=(TINY if tiny else []) + list(overrides))
+        if tiny and "mlp" in cfg.net:
+            cfg = compose("train", overrides=TINY_NET + TINY + list(overrides))
     if run_dir is not None:
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)

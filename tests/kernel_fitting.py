@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_diff.diffusion.kernel_wpo import KernelScore, loo_objective
+from lightning_diff.diffusion.kernel_score import KernelScore, loo_objective
 
 
 def fit_precisions(

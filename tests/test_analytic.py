@@ -13,7 +13,7 @@ from lightning_diff.checkpoints import load_model, read_checkpoint
 from lightning_diff.cli.sample import sample
 from lightning_diff.cli.train import train
 from lightning_diff.diffusion import DiscreteSchedule, GaussianDenoiser, Sampler, sample_ddim, sample_pc
-from lightning_diff.diffusion.analytic import (
+from lightning_diff.diffusion.closed_form import (
     EmpiricalDenoiser,
     GaussianMixtureDenoiser,
     data_moments,

@@ -4,7 +4,8 @@
   Lightning, so they are usable and testable without it;
 - no import cycle between the package's modules;
 - Lightning's private attributes are read in ``lightning_internals.py`` only (each read tested in
-  ``tests/test_lightning_internals.py``).
+  ``tests/test_lightning_internals.py``);
+- no two modules share a file name.
 """
 
 from __future__ import annotations
@@ -127,3 +128,14 @@ def test_every_long_module_says_why():
         and "Over 400 lines:" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
     }
     assert not long, f"modules over 400 lines without a reason at their top: {long}"
+
+
+def test_no_two_modules_share_a_name():
+    """A file name says which module is meant (``kernel_score.py`` is the maths, ``kernel_wpo.py``
+    the LightningModule), so no two modules of the package have the same file name."""
+    by_name: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            by_name.setdefault(path.name, []).append(str(path.relative_to(PACKAGE.parent)))
+    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert not shared, f"modules sharing a file name: {shared}"

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from lightning_diff.data import DigitsDataModule
 from lightning_diff.diffusion import DiscreteSchedule
 from lightning_diff.models import DDPM, ScoreSDE
-from lightning_diff.models.base import build_optimizer
+from lightning_diff.models.diffusion_module import build_optimizer
 from lightning_diff.models.ema import EMAUpdate, ExponentialAverage
 from lightning_diff.nets import MLP, UNet
 

@@ -1,4 +1,4 @@
-"""Kernel score model with learned local precisions (lightning_diff.diffusion.kernel_wpo)."""
+"""Kernel score model with learned local precisions (lightning_diff.diffusion.kernel_score)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from kernel_fitting import fit_precisions
 
-from lightning_diff.diffusion.analytic import EmpiricalDenoiser
-from lightning_diff.diffusion.kernel_wpo import KernelScore, loo_objective, scott_bandwidth
+from lightning_diff.diffusion.closed_form import EmpiricalDenoiser
+from lightning_diff.diffusion.kernel_score import KernelScore, loo_objective, scott_bandwidth
 
 PRECS = ["isotropic", "diagonal", "lowrank", "tangent"]  # tangent: low-rank covariance factors
 

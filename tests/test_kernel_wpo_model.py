@@ -11,14 +11,18 @@ import math
 import pytest
 import torch
 from conftest import compose_train
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from lightning_diff.checkpoints import load_model
-from lightning_diff.diffusion.analytic import EmpiricalDenoiser
-from lightning_diff.diffusion.kernel_wpo import KernelScore
+from lightning_diff.checkpoints import build_family_net, load_model
+from lightning_diff.diffusion.closed_form import EmpiricalDenoiser
+from lightning_diff.diffusion.kernel_score import KernelScore
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.diffusion.samplers import Sampler, sample_ddim
 from lightning_diff.errors import ConfigError
 from lightning_diff.metrics.memorization import Memorization
+from lightning_diff.models.diffusion_module import CHECKPOINT_KEY
 from lightning_diff.models.kernel_wpo import KernelWPO
 from lightning_diff.nets.precision import FORMS, PrecisionField
 
@@ -261,16 +265,46 @@ def test_ld_train_fits_samples_and_reloads(tiny_train, tmp_path):
     assert 0.0 <= metrics["eval/memorized_fraction"] <= 1.0
     assert (tmp_path / "samples").is_dir() and any((tmp_path / "samples").iterdir())
     model, cfg = load_model(tmp_path / "checkpoints" / "last.ckpt")
-    assert isinstance(model, KernelWPO) and cfg.model.net.form == "full"
+    assert isinstance(model, KernelWPO) and cfg.net.form == "full"
     assert torch.equal(model.centers, objects["model"].centers.cpu())
     x = torch.randn(5, 2)
     sigma = torch.full((5,), 0.4)
     with torch.no_grad():
-        torch.testing.assert_close(model.denoiser()(x, sigma), objects["model"].cpu().denoiser()(x, sigma))
+        expected = objects["model"].cpu().denoiser()(x, sigma)
+        torch.testing.assert_close(model.denoiser()(x, sigma), expected)
+
+    # A checkpoint written when the precision field lived under model.net (before net=precision_field)
+    # loads into the same model.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    stored = ckpt[CHECKPOINT_KEY]["config"]
+    stored["model"]["net"] = stored.pop("net")
+    stored["net"] = OmegaConf.to_container(compose_train([]).net)  # the default group stood beside it
+    torch.save(ckpt, tmp_path / "old_layout.ckpt")
+    old, old_cfg = load_model(tmp_path / "old_layout.ckpt")
+    assert isinstance(old.net, PrecisionField) and "net" not in old_cfg.model
+    with torch.no_grad():
+        torch.testing.assert_close(old.denoiser()(x, sigma), expected)
 
 
 def test_kernel_wpo_configs_compose():
-    for extra in (["data=moons"], ["data=circle", "model.net.form=lowrank"], ["data=digits"]):
+    for extra in (["data=moons"], ["data=circle", "net.form=lowrank"], ["data=digits"]):
         cfg = compose_train(["model=kernel_wpo", *extra])
         assert cfg.model._target_.endswith("KernelWPO")
-        assert cfg.model.net._target_.endswith("PrecisionField")
+        assert cfg.net._target_.endswith("PrecisionField")
+    assert compose_train(["model=kernel_wpo", "data=circle", "net.form=lowrank"]).net.form == "lowrank"
+    assert compose_train(["model=ddpm"]).net._target_.endswith("build_net")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=kernel_wpo", "net=mlp"], "model=kernel_wpo needs net=precision_field"),
+        (["model=ddpm", "net=precision_field"], "net=precision_field is the kernel model's net"),
+        (["model=score_sde", "net=precision_field"], "net=precision_field is the kernel model's net"),
+    ],
+)
+def test_a_family_and_a_net_that_do_not_fit_are_refused(overrides, message):
+    cfg = compose_train(["data=moons", *overrides])
+    with pytest.raises(InstantiationException) as caught:  # ld-train prints its cause in one line
+        instantiate(cfg.model, net=build_family_net(cfg, (2,)))
+    assert isinstance(caught.value.__cause__, ConfigError) and message in str(caught.value.__cause__)

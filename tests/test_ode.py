@@ -19,7 +19,7 @@ from conftest import compose_named, compose_train
 from lightning_diff.cli.evaluate import evaluate
 from lightning_diff.cli.train import train
 from lightning_diff.diffusion import DiscreteSchedule, GaussianDenoiser, Sampler
-from lightning_diff.diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood, sigma_range
+from lightning_diff.diffusion.log_likelihood import bits_per_dim, dequantize, ode_log_likelihood, sigma_range
 from lightning_diff.diffusion.ode import sample_heun, sample_ode_adaptive, solve_dopri5
 from lightning_diff.errors import ConfigError
 

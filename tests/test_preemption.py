@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import TINY, compose_train
+from conftest import TINY, TINY_NET, compose_train
 
 from lightning_diff.checkpoints import read_checkpoint
 from lightning_diff.cli.train import train
@@ -32,7 +32,7 @@ def test_signal_saves_the_current_step_and_resume_continues(tmp_path, signame):
     ckpts = run_dir / "checkpoints"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     env.pop("LD_RUN_DIR", None)
-    cmd = [sys.executable, "-m", "lightning_diff.cli.train", *TINY, *RUN, f"run_dir={run_dir}"]
+    cmd = [sys.executable, "-m", "lightning_diff.cli.train", *TINY_NET, *TINY, *RUN, f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -12,7 +12,7 @@ import torch
 from conftest import compose_train
 from torch import Tensor
 
-from lightning_diff.callbacks.score_deviation import default_sigmas
+from lightning_diff.callbacks.gaussian_deviation import default_sigmas
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.metrics.score_deviation import ScoreDeviation
@@ -146,9 +146,9 @@ def test_callback_writes_scalars_and_plot(tmp_path):
 def test_references_fall_back_to_the_gaussian_when_analytic_is_missing(monkeypatch, caplog):
     import sys
 
-    from lightning_diff.callbacks.score_deviation import build_references
+    from lightning_diff.callbacks.gaussian_deviation import build_references
 
-    monkeypatch.setitem(sys.modules, "lightning_diff.diffusion.analytic", None)  # import fails
+    monkeypatch.setitem(sys.modules, "lightning_diff.diffusion.closed_form", None)  # import fails
     with caplog.at_level("WARNING"):
         refs = build_references(["gaussian", "gmm", "empirical"], two_moons_like(32, 0))
     assert list(refs) == ["gaussian"] and "Gaussian reference only" in caplog.text

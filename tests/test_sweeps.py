@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, compose_named
+from conftest import TINY, TINY_NET, compose_named
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -105,7 +105,7 @@ def test_missing_group_option_is_detected():
 @pytest.mark.slow
 def test_hydra_multirun_gives_each_job_its_own_run_directory(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    overrides = [o for o in TINY if not o.startswith(("callbacks.evaluation", "logger"))] + [
+    overrides = [o for o in TINY_NET + TINY if not o.startswith(("callbacks.evaluation", "logger"))] + [
         "data=moons",
         "logger=wandb",
         "logger.wandb.mode=offline",

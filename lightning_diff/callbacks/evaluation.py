@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
+from lightning_diff.callbacks.periodic import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.generation import gather_shards, generate, shard_indices

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
-from lightning_diff.callbacks.base import PeriodicCallback
+from lightning_diff.callbacks.periodic import PeriodicCallback
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.generation import generate
 from lightning_diff.plotting import save_samples_figure

@@ -5,7 +5,7 @@ Every DataModule derives from :class:`DiffusionDataModule` and yields float32 ba
 """
 
 from lightning_diff.data.array import ArrayDataModule, load_array
-from lightning_diff.data.base import DiffusionDataModule, per_device_batch_size
+from lightning_diff.data.datamodule import DiffusionDataModule, per_device_batch_size
 from lightning_diff.data.distributions import (
     Checkerboard,
     Circle,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_diff.data.base import DiffusionDataModule
+from lightning_diff.data.datamodule import DiffusionDataModule
 from lightning_diff.errors import DataError
 
 #: Slack allowed above 1 / below -1 for float images, for values rounded on the way to the file.

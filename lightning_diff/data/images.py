@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_diff.data.base import DiffusionDataModule
+from lightning_diff.data.datamodule import DiffusionDataModule
 from lightning_diff.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

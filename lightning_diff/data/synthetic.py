@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_diff.data.base import DiffusionDataModule
+from lightning_diff.data.datamodule import DiffusionDataModule
 from lightning_diff.data.distributions import Distribution
 from lightning_diff.errors import ConfigError
 from lightning_diff.seeding import seeded_generator

@@ -1,7 +1,7 @@
 """Analytical teleportation (Wang & Vastola 2024, arXiv 2412.09726, Sec. 6).
 
 At high noise a learned score is close to the score of the data's Gaussian, whose probability flow
-has a closed form (:func:`~lightning_diff.diffusion.analytic.gaussian_flow`). Teleportation replaces
+has a closed form (:func:`~lightning_diff.diffusion.closed_form.gaussian_flow`). Teleportation replaces
 the first steps of any sampler by that closed form: draw the starting point at the grid's largest
 sigma, jump to the skip level at no model cost, and hand over to the sampler for the rest of the grid.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_diff.diffusion.analytic import gaussian_flow, gaussian_marginal_sample
+from lightning_diff.diffusion.closed_form import gaussian_flow, gaussian_marginal_sample
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import randn
 from lightning_diff.diffusion.samplers import Generator, Sampler, Schedule, StepCallback

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_diff.diffusion.likelihood import bits_per_dim, dequantize, ode_log_likelihood
+from lightning_diff.diffusion.log_likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
 from lightning_diff.metrics.distances import random_rows

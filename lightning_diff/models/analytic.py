@@ -18,12 +18,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_diff.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser, data_moments
+from lightning_diff.diffusion.closed_form import EmpiricalDenoiser, GaussianMixtureDenoiser, data_moments
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.schedules import DiscreteSchedule
 from lightning_diff.errors import ConfigError
-from lightning_diff.models.base import DiffusionModule
+from lightning_diff.models.diffusion_module import DiffusionModule
 
 KINDS = ("gaussian", "gmm", "empirical")
 BUFFERS = {

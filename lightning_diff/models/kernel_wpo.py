@@ -10,7 +10,7 @@ precisions from the MFG's terminal condition by implicit score matching. Here:
   (the ``net`` of this family);
 * ``rho_sigma`` adds ``sigma^2 I`` to every component covariance (the heat flow, exact), so the
   denoiser ``D(x, sigma) = x + sigma^2 grad log rho_sigma(x)`` is in closed form at every sigma and
-  every sampler of the package applies unchanged (:class:`~lightning_diff.diffusion.kernel_wpo.KernelScore`);
+  every sampler of the package applies unchanged (:class:`~lightning_diff.diffusion.kernel_score.KernelScore`);
 * training minimises Hyvarinen's objective ``1/2 |grad log rho_0|^2 + Laplacian log rho_0`` over
   training batches, each point scored by the mixture *without any component centred on itself*. With
   centres = all points this is leave-one-out; with a subset, points that are not centres are scored by
@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.denoisers import Denoiser
-from lightning_diff.diffusion.kernel_wpo import KernelScore, scott_bandwidth
+from lightning_diff.diffusion.kernel_score import KernelScore, scott_bandwidth
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.schedules import DiscreteSchedule
 from lightning_diff.errors import ConfigError
-from lightning_diff.models.base import DiffusionModule
+from lightning_diff.models.diffusion_module import DiffusionModule
 from lightning_diff.nets.precision import PrecisionField
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from lightning_diff.diffusion.denoisers import PreconditionedDenoiser
 from lightning_diff.diffusion.objectives import check_prediction, data_statistics
 from lightning_diff.errors import ConfigError
-from lightning_diff.models.base import DiffusionModule
+from lightning_diff.models.diffusion_module import DiffusionModule
+from lightning_diff.nets.precision import PrecisionField
 
 
 class PreconditionedModule(DiffusionModule):
@@ -44,6 +45,8 @@ class PreconditionedModule(DiffusionModule):
         center: bool = True,
         **kwargs: Any,
     ):
+        if isinstance(net, PrecisionField):
+            raise ConfigError("net=precision_field is the kernel model's net; use net=auto|mlp|unet or model=kernel_wpo")
         super().__init__(net, **kwargs)
         self.prediction = check_prediction(prediction)
         if sigma_data is not None and not sigma_data > 0:

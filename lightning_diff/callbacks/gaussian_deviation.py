@@ -17,10 +17,10 @@ import lightning as L
 import numpy as np
 from torch import Tensor
 
-from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
+from lightning_diff.callbacks.periodic import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
-from lightning_diff.diffusion.likelihood import sigma_range
+from lightning_diff.diffusion.log_likelihood import sigma_range
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
 from lightning_diff.generation import shard_indices
@@ -47,7 +47,7 @@ def build_references(
 ) -> dict[str, Denoiser]:
     """Reference denoisers fitted to the training set: ``gaussian`` (mean and covariance), ``gmm``
     (a Gaussian mixture) and ``empirical`` (the exact training-set score). The last two come from
-    ``lightning_diff.diffusion.analytic``; when that module cannot provide them they are skipped
+    ``lightning_diff.diffusion.closed_form``; when that module cannot provide them they are skipped
     with a warning and only the Gaussian reference is kept."""
     unknown = set(names) - set(REFERENCES)
     if unknown:
@@ -57,7 +57,7 @@ def build_references(
         refs["gaussian"] = GaussianDenoiser.from_data(train)
     if "gmm" in names or "empirical" in names:
         try:
-            from lightning_diff.diffusion.analytic import EmpiricalDenoiser, GaussianMixtureDenoiser
+            from lightning_diff.diffusion.closed_form import EmpiricalDenoiser, GaussianMixtureDenoiser
         except (ImportError, AttributeError) as err:
             log.warning("score deviation: Gaussian reference only (%s)", err)
             return refs or {"gaussian": GaussianDenoiser.from_data(train)}

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 
-from lightning_diff.callbacks.base import PeriodicCallback, publish_metrics
+from lightning_diff.callbacks.periodic import PeriodicCallback, publish_metrics
 from lightning_diff.generation import gather_shards, shard_indices
 from lightning_diff.metrics.likelihood import heldout_data, likelihood_metrics, log_likelihoods
 
@@ -20,7 +20,7 @@ class ODELikelihood(PeriodicCallback):
     held-out samples (a fixed random draw) with the EMA weights. The samples are split over the
     ranks in blocks of indices (the last block padded with repeats), every rank integrates its block and joins
     the gather, and only rank 0 writes ``metrics.json``. The remaining arguments go to
-    :func:`~lightning_diff.diffusion.likelihood.ode_log_likelihood`.
+    :func:`~lightning_diff.diffusion.log_likelihood.ode_log_likelihood`.
     """
 
     def __init__(

@@ -21,7 +21,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_diff.diffusion.analytic import data_moments
+from lightning_diff.diffusion.closed_form import data_moments
 from lightning_diff.diffusion.denoisers import ClampedDenoiser, Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import SampleGenerators, ShardedGenerator
 from lightning_diff.diffusion.samplers import Sampler, Schedule, sample_ddim
