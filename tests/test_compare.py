@@ -65,7 +65,34 @@ def test_compare_lists_differing_keys_metrics_and_plots_curves(two_runs, tmp_pat
 def test_compare_plots_only_the_chosen_metrics(two_runs, tmp_path):
     out = tmp_path / "cmp"
     main([str(p) for p in two_runs] + ["--metrics", "val/loss", "--out", str(out)])
-    assert sorted(p.name for p in out.glob("*.png")) == ["val_loss.png"]
+    assert sorted(p.name for p in out.glob("*.png") if p.name != "frontier.png") == ["val_loss.png"]
+
+
+def test_frontier_has_a_point_per_run_that_reports_both_axes(two_runs, tmp_path):
+    import json
+    import shutil
+
+    from lightning_diff.cli.compare import compare, load_run, plot_frontier
+
+    copies = []
+    for i, run in enumerate(two_runs):
+        copy = tmp_path / run.name
+        shutil.copytree(run, copy)
+        metrics = json.loads((copy / "metrics.json").read_text())
+        metrics.update({"eval/data_copying_ct": -4.0 + 3 * i, "eval/fd_raw_vs_heldout": 1.0 - 0.5 * i})
+        metrics.update({"eval/fd_raw_vs_heldout_ci_low": 0.5 - 0.5 * i, "eval/fd_raw_vs_heldout_ci_high": 1.5})
+        (copy / "metrics.json").write_text(json.dumps(metrics))
+        copies.append(copy)
+    result = compare(copies, tmp_path / "cmp")
+    assert result["frontier"] == tmp_path / "cmp" / "frontier.png"
+    with Image.open(result["frontier"]) as image:
+        assert image.format == "PNG" and image.size[0] > 100
+    # A run without the copying statistic gives no point; with no point there is no figure.
+    metrics = json.loads((copies[0] / "metrics.json").read_text())
+    del metrics["eval/data_copying_ct"]
+    (copies[0] / "metrics.json").write_text(json.dumps(metrics))
+    runs = [load_run(copies[0])]
+    assert plot_frontier(tmp_path / "none.png", runs) is None and not (tmp_path / "none.png").exists()
 
 
 def test_unknown_metric_is_one_line_error(two_runs, tmp_path, capsys):

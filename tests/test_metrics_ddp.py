@@ -11,8 +11,10 @@ import torch.multiprocessing as mp
 
 from lightning_diff.metrics import (
     MMD,
+    DataCopying,
     DataLogLikelihood,
     FrechetDistance,
+    HeldoutComparison,
     HistogramTV,
     KernelDistance,
     Memorization,
@@ -30,7 +32,8 @@ def make_data() -> dict[str, torch.Tensor]:
     fake = torch.randn(257, 6, generator=g) * 1.2 + 0.3
     # A few near-copies so that the memorization statistics are not all zero.
     fake[:20] = train[:20] + 1e-3 * torch.randn(20, 6, generator=g)
-    return {"train": train, "fake": fake}
+    heldout = torch.randn(160, 6, generator=g)
+    return {"train": train, "fake": fake, "heldout": heldout}
 
 
 def log_prob(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +71,9 @@ def evaluate(data: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[
     kept.compute()
     kept.reset()
 
-    memorization = Memorization(train, chunk_size=32, extraction_delta=0.01)
+    memorization = Memorization(train, chunk_size=32, extraction_delta=0.01, heldout=data["heldout"])
+    copying = DataCopying(train, data["heldout"], num_cells=3, min_cell_samples=10, chunk_size=32)
+    heldout = HeldoutComparison(train, data["heldout"], bootstrap=20, chunk_size=32)
     vector = {
         "sw": SlicedWasserstein(train),
         "mmd": MMD(train),
@@ -78,12 +83,17 @@ def evaluate(data: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[
     for batch in share(fake):
         cached.update(batch, real=False)
         kept.update(batch, real=False)
-        for metric in (memorization, *vector.values()):
+        for metric in (memorization, copying, heldout, *vector.values()):
             metric.update(batch)
     out["fd_cached"], out["fd_kept"] = cached.compute(), kept.compute()
     out.update({f"mem_{k}": v for k, v in memorization.compute().items()})
     out["mem_pairs"] = torch.stack(memorization.pairs(25))
-    out["mem_hist"] = torch.as_tensor(memorization.histograms(bins=12)["nn1"][0])
+    hists = memorization.histograms(bins=12)
+    out["mem_hist"] = torch.as_tensor(hists["nn1"][0])
+    out["mem_hist_heldout"] = torch.as_tensor(hists["nn1_heldout"][0])
+    out.update({f"copying_{k}": v for k, v in copying.compute().items()})
+    out["copying_cells_z"] = torch.as_tensor(copying.cells()["z"])
+    out.update({f"heldout_{k}": v for k, v in heldout.compute().items()})
     out.update({name: metric.compute() for name, metric in vector.items()})
     return out
 
@@ -101,6 +111,8 @@ def test_metrics_agree_with_two_processes(tmp_path):
     data = make_data()
     single = evaluate(data, rank=0, world_size=1)
     assert float(single["mem_memorized_fraction"]) > 0 and float(single["mem_extracted_count"]) == 20
+    assert math.isfinite(float(single["copying_data_copying_ct"])) and float(single["copying_data_copying_cells"]) >= 2
+    assert float(single["heldout_heldout_compared"]) == 160
     torch.testing.assert_close(single["fd_cached"], single["fd"])
     torch.testing.assert_close(single["fd_kept"], single["fd"])
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), data), nprocs=WORLD_SIZE, join=True)

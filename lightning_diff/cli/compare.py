@@ -6,7 +6,11 @@ against the step). Writes to ``--out`` (default ``compare/``):
 
 - ``compare.md``: the config keys whose values differ between the runs, and each run's final metrics;
 - ``compare.csv``: the same rows (``section,key,<run>,...``);
-- ``<metric>.png`` for each chosen metric: its curve against the step, one line per run.
+- ``<metric>.png`` for each chosen metric: its curve against the step, one line per run;
+- ``frontier.png`` when runs report both: held-out quality (``eval/fd_<space>_vs_heldout`` with its
+  bootstrap interval, and the floor a perfect model reaches) against the data-copying statistic
+  (``eval/data_copying_ct``; below -3: copying), one point per run, so that a memorization study
+  reads as a trade-off: a model may only buy quality by moving left.
 """
 
 from __future__ import annotations
@@ -226,6 +230,54 @@ def plot_metric(path: Path, metric: str, runs: list[Run]) -> None:
     plt.close(fig)
 
 
+COPYING_KEY = "eval/data_copying_ct"
+
+
+def heldout_quality_key(runs: list[Run]) -> str | None:
+    """The held-out Frechet distance the runs report (``eval/fd_<space>_vs_heldout``), if any."""
+    keys = sorted(
+        {k for run in runs for k in run.final if k.startswith("eval/fd_") and k.endswith("_vs_heldout")}
+    )
+    return keys[0] if keys else None
+
+
+def plot_frontier(path: Path, runs: list[Run]) -> Path | None:
+    """Held-out quality against the data-copying statistic, one point per run; None when no run
+    reports both."""
+    quality = heldout_quality_key(runs)
+    points = [
+        run
+        for run in runs
+        if quality is not None
+        and all(isinstance(run.final.get(k), (int, float)) and math.isfinite(run.final[k]) for k in (quality, COPYING_KEY))
+    ]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for run in points:
+        x, y = run.final[COPYING_KEY], run.final[quality]
+        low, high = run.final.get(f"{quality}_ci_low"), run.final.get(f"{quality}_ci_high")
+        yerr = [[y - low], [high - y]] if low is not None and high is not None else None
+        ax.errorbar([x], [y], yerr=yerr, fmt="o", capsize=3, label=run.label)
+    floors = [run.final[f"{quality}_floor"] for run in points if f"{quality}_floor" in run.final]
+    if floors:
+        ax.axhline(float(sum(floors) / len(floors)), color="gray", linestyle=":", label="floor (training data)")
+    ax.axvline(-3.0, color="tab:red", linestyle="--", label="copying below")
+    ax.set_xlabel("data-copying statistic C_T (negative: closer to the training set than fresh data)")
+    ax.set_ylabel(quality.removeprefix("eval/") + " (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def compare(
     run_dirs: list[str | Path], out: str | Path = "compare", metrics: list[str] | None = None
 ) -> dict:
@@ -250,11 +302,15 @@ def compare(
         path = out_dir / (metric.replace("/", "_") + ".png")
         plot_metric(path, metric, runs)
         plots.append(path)
+    frontier = plot_frontier(out_dir / "frontier.png", runs)
+    if frontier is not None:
+        plots.append(frontier)
     return {
         "markdown": out_dir / "compare.md",
         "csv": out_dir / "compare.csv",
         "plots": plots,
         "differing": differing_keys(runs),
+        "frontier": frontier,
     }
 
 

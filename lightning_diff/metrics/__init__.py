@@ -1,5 +1,6 @@
 """Sample-quality and memorization measures."""
 
+from lightning_diff.metrics.copying import DataCopying
 from lightning_diff.metrics.distances import (
     moment_errors,
     nearest_neighbour_ratio,
@@ -13,15 +14,18 @@ from lightning_diff.metrics.frechet import (
     frechet_distance,
     polynomial_mmd,
 )
+from lightning_diff.metrics.heldout import HeldoutComparison
 from lightning_diff.metrics.memorization import Memorization
 from lightning_diff.metrics.score_deviation import ScoreDeviation
 from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
 
 __all__ = [
     "MMD",
+    "DataCopying",
     "DataLogLikelihood",
     "FrechetDistance",
     "GaussianStats",
+    "HeldoutComparison",
     "HistogramTV",
     "KernelDistance",
     "Memorization",

@@ -30,7 +30,9 @@ class Memorization(Metric):
     so sample positions follow the global sample order under contiguous seed sharding).
 
     ``compute()`` returns ``memorized_fraction`` (ratio below ``threshold``), ``ratio_mean`` and
-    ``nn1_mean``; with ``extraction_delta`` also ``extracted_count``, the number of distinct training
+    ``nn1_mean``; with ``heldout`` data also ``nn1_ratio_to_heldout``, the median NN1 distance of the
+    samples over that of the held-out points (about 1 for a model of the distribution, well below 1
+    for one that copies or adds noise to training points, above 1 for one that under-fits); with ``extraction_delta`` also ``extracted_count``, the number of distinct training
     samples some generated sample comes within ``extraction_delta`` of. That count follows the
     (l2, delta)-extraction of Carlini et al. 2023 only in spirit: they use a tiled L2 over image
     patches, this uses the plain L2 of the metric's space.
@@ -51,6 +53,7 @@ class Memorization(Metric):
         chunk_size: int = 1024,
         threshold: float = 1 / 3,
         extraction_delta: float | None = None,
+        heldout: Tensor | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -69,6 +72,11 @@ class Memorization(Metric):
             [extract_features(feature_extractor, t.to(device)) for t in train.split(chunk_size)]
         )
         self.register_buffer("train_features", features, persistent=False)
+        held_nn1 = None
+        if heldout is not None and len(heldout):
+            held = torch.cat([extract_features(feature_extractor, t.to(device)) for t in heldout.split(chunk_size)])
+            held_nn1 = nearest_neighbours(held, features, k=1, chunk_size=chunk_size)[0][:, 0]
+        self.register_buffer("heldout_nn1", held_nn1, persistent=False)
         self.add_state("nn1", [], dist_reduce_fx="cat")
         self.add_state("nn2", [], dist_reduce_fx="cat")
         self.add_state("nn1_index", [], dist_reduce_fx="cat")
@@ -94,20 +102,29 @@ class Memorization(Metric):
             "ratio_mean": ratio.double().mean(),
             "nn1_mean": nn1.double().mean(),
         }
+        if self.heldout_nn1 is not None:
+            held = self.heldout_nn1.double().median().clamp(min=1e-12)
+            out["nn1_ratio_to_heldout"] = nn1.double().median() / held
         if self.extraction_delta is not None:
             count = index[nn1 <= self.extraction_delta].unique().numel()
             out["extracted_count"] = torch.tensor(float(count), dtype=torch.float64, device=nn1.device)
         return out
 
     def histograms(self, bins: int = 50) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{"ratio": (counts, edges), "nn1": (counts, edges)}``; ratios binned over [0, 1]."""
+        """``{"ratio": (counts, edges), "nn1": (counts, edges)}``, ratios binned over [0, 1]; with
+        held-out data also ``"nn1_heldout"``, their NN1 distances on the same bins as ``"nn1"``."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
             nn1, ratio, _ = self._gathered()
         nn1, ratio = nn1.double().cpu().numpy(), ratio.double().cpu().numpy()
-        return {
+        held = None if self.heldout_nn1 is None else self.heldout_nn1.double().cpu().numpy()
+        top = max(float(nn1.max()), float(held.max()) if held is not None else 0.0, 1e-12)
+        out = {
             "ratio": np.histogram(ratio, bins=bins, range=(0.0, 1.0)),
-            "nn1": np.histogram(nn1, bins=bins, range=(0.0, max(float(nn1.max()), 1e-12))),
+            "nn1": np.histogram(nn1, bins=bins, range=(0.0, top)),
         }
+        if held is not None:
+            out["nn1_heldout"] = np.histogram(held, bins=bins, range=(0.0, top))
+        return out
 
     def pairs(self, k: int = 8) -> tuple[Tensor, Tensor]:
         """The ``k`` most memorized samples (smallest ratio first): their positions among all samples

@@ -93,11 +93,13 @@ def save_memorization_figures(
     num_pairs: int = 8,
     write: bool = True,
 ) -> list[Path]:
-    """Histograms of the NN1/NN2 ratio and of NN1 distances, and (images) the most memorized samples
-    above their nearest training images. Reads gathered states, so under DDP every rank calls it;
-    only those with ``write`` draw and save."""
+    """Histograms of the NN1/NN2 ratio and of NN1 distances (with the held-out points' NN1 distances
+    as a second series), the data-copying test's Z-score per cell, and (images) the most memorized
+    samples above their nearest training images. Reads gathered states, so under DDP every rank
+    calls it; only those with ``write`` draw and save."""
     hists = suite.memorization.histograms(bins=40)
     positions, nearest = suite.memorization.pairs(num_pairs)
+    cells = suite.copying.cells() if suite.copying is not None else None
     if not write:
         return []
     import matplotlib
@@ -115,18 +117,46 @@ def save_memorization_figures(
         axes, [("ratio", "NN1 / NN2 distance ratio"), ("nn1", "NN1 distance")], strict=True
     ):
         counts, edges = hists[key]
-        ax.stairs(counts, edges, fill=True)
+        ax.stairs(counts / max(counts.sum(), 1), edges, fill=True, label="samples")
         ax.set_xlabel(label)
+        ax.set_ylabel("share")
+    if "nn1_heldout" in hists:
+        counts, edges = hists["nn1_heldout"]
+        axes[1].stairs(counts / max(counts.sum(), 1), edges, color="black", label="held-out data")
+        axes[1].legend(fontsize=7)
     axes[0].axvline(suite.memorization.threshold, color="tab:red", linestyle="--", label="memorized below")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / f"nn_histograms_{tag}.png")
     fig.savefig(paths[-1])
     plt.close(fig)
+    if cells is not None:
+        paths.append(_save_copying_figure(cells, out_dir / f"data_copying_cells_{tag}.png", plt))
     if suite.is_image and len(positions):
         pairs = torch.cat([samples[positions.cpu()].cpu(), train[nearest.cpu()].cpu()])
         paths.append(save_samples_figure(pairs, out_dir / f"nearest_{tag}.png", nrow=len(positions)))
     return paths
+
+
+def _save_copying_figure(cells: dict, path: Path, plt) -> Path:
+    """Bars of the data-copying Z-score per k-means cell (hatched: too few samples to count)."""
+    from lightning_diff.metrics.copying import COPYING_THRESHOLD
+
+    z, used = cells["z"], cells["used"]
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(z) + 2), 3), dpi=100)
+    positions = range(len(z))
+    ax.bar(positions, [v if ok else 0.0 for v, ok in zip(z, used, strict=True)], color="tab:blue")
+    for c in (c for c, ok in enumerate(used) if not ok):
+        ax.bar(c, 0.5, bottom=-0.25, color="none", edgecolor="gray", hatch="//")
+    ax.axhline(COPYING_THRESHOLD, color="tab:red", linestyle="--", label="copying below")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("k-means cell of the training set")
+    ax.set_ylabel("Z of the U test")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def write_metrics(path: str | Path, metrics: dict[str, float], **extra) -> Path:

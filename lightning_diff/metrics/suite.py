@@ -33,9 +33,11 @@ from torch import Tensor, nn
 
 from lightning_diff.errors import ConfigError
 from lightning_diff.generation import shard_indices
+from lightning_diff.metrics.copying import DataCopying
 from lightning_diff.metrics.distances import random_rows
 from lightning_diff.metrics.features import DigitsFeatures, RawFeatures
 from lightning_diff.metrics.frechet import FrechetDistance, KernelDistance
+from lightning_diff.metrics.heldout import HeldoutComparison
 from lightning_diff.metrics.memorization import Memorization
 from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
 
@@ -112,7 +114,13 @@ class EvaluationSuite(nn.Module):
         self._kid_reference = train[block.start : block.stop]
         if self.kid is not None:
             self.kid.update(self._kid_reference, real=True)
-        self.memorization = Memorization(train)
+        self.memorization = Memorization(train, heldout=self.heldout)
+        # What a copy machine cannot win: the data-copying test and the held-out comparisons at
+        # equal size, in the Frechet distance's feature space.
+        self.copying = DataCopying(train, self.heldout, extractor, seed=seed) if self.has_heldout else None
+        self.heldout_comparison = (
+            HeldoutComparison(train, self.heldout, extractor, seed=seed) if self.has_heldout else None
+        )
         self.sliced_wasserstein = SlicedWasserstein(reference, seed=seed)
         self.vector_metrics = nn.ModuleDict()
         if not self.is_image:
@@ -156,7 +164,8 @@ class EvaluationSuite(nn.Module):
 
     def metrics(self) -> list[nn.Module]:
         found = [self.frechet, self.memorization, self.sliced_wasserstein, *self.vector_metrics.values()]
-        return found + ([self.kid] if self.kid is not None else [])
+        optional = [self.kid, self.copying, self.heldout_comparison]
+        return found + [m for m in optional if m is not None]
 
     @torch.no_grad()
     def update(self, samples: Tensor) -> None:
@@ -165,6 +174,9 @@ class EvaluationSuite(nn.Module):
         if self.kid is not None:
             self.kid.update(samples, real=False)
         self.memorization.update(samples)
+        for metric in (self.copying, self.heldout_comparison):
+            if metric is not None:
+                metric.update(samples)
         self.sliced_wasserstein.update(samples)
         for metric in self.vector_metrics.values():
             metric.update(samples)
@@ -177,6 +189,9 @@ class EvaluationSuite(nn.Module):
             mean, std = self.kid.compute()
             out[f"{self.kid.key}_mean"], out[f"{self.kid.key}_std"] = float(mean), float(std)
         out.update({k: float(v) for k, v in self.memorization.compute().items()})
+        for metric in (self.copying, self.heldout_comparison):
+            if metric is not None:
+                out.update({k: float(v) for k, v in metric.compute().items()})
         out[f"sliced_wasserstein{self.suffix}"] = float(self.sliced_wasserstein.compute())
         for key, metric in self.vector_metrics.items():
             name = f"{key}{self.suffix}" if key in HELDOUT_REFERENCED else key
