@@ -1,29 +1,45 @@
-"""Kernel WPO vs DDPM vs score SDE across training-set sizes: training time, sample quality, memorization.
+"""Kernel WPO vs DDPM vs score SDE across training-set sizes and seeds, scored against held-out data.
 
-Each (data, family, size) cell is one ``ld-train`` run of the family's experiment with
-``data.num_train=size`` and a fixed step budget, in ``runs/families/<data>/<family>_<size>``. Training
-wall time is Lightning's ``Timer`` callback (the ``train`` stage only: no start-up, no final
-evaluation), read from the last checkpoint; quality and memorization are the run's ``metrics.json``
-(evaluated against the run's own training subset). Cells already done are reused, so the script can
-be stopped and restarted.
+Each (data, family, size, seed) cell is one ``ld-train`` run of the family's experiment with
+``data.num_train=size``, ``seed=seed`` and a fixed step budget, in
+``runs/families/<data>/<family>_<size>_seed<seed>``. Training wall time is Lightning's ``Timer``
+callback (the ``train`` stage only), read from the last checkpoint; the metrics are the run's
+``metrics.json``: held-out Frechet distance at equal size with its floor, the data-copying statistic
+C_T, the NN1 ratio to held-out data, k-NN precision/recall and the 1/3-ratio memorized fraction.
 
-    .venv/bin/python bench/families.py --data moons --sizes 32 128 512 2000
-    .venv/bin/python bench/families.py --data digits --sizes 32 256 full
+Beside the families, the adversaries a claim has to beat, scored by the same evaluation on the same
+splits and seeds without any training:
 
-Prints a Markdown table (and writes it to ``runs/families/<data>/table.md``).
+- ``copies``: the training subset itself, sampled with replacement (a copy machine);
+- ``noisy_copies``: the same plus Gaussian noise (0.2 per pixel for digits, 0.1 for moons);
+- ``kde``: a plain Gaussian kernel density on the training subset (Scott's bandwidth).
+
+Cells already done are reused, so the script can be stopped and restarted; ``--jobs 2`` runs two
+trainings at once with one thread each.
+
+    .venv/bin/python bench/families.py --data moons --sizes 32 128 512 --seeds 0 1 2 --jobs 2
+    .venv/bin/python bench/families.py --data digits --sizes 32 --seeds 0 1 2 --jobs 2
+
+Prints a Markdown table of mean +- standard deviation over seeds (and writes it with every cell as
+JSON lines to ``runs/families/<data>/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 # The experiment of each family per data set, and the steps every size gets.
 EXPERIMENTS = {
     "moons": {
@@ -37,7 +53,10 @@ EXPERIMENTS = {
         "kernel_wpo": ["experiment=digits_kernel_wpo"],
     },
 }
-QUALITY = {"moons": "eval/sliced_wasserstein", "digits": "eval/fd_digits_cnn"}
+ADVERSARIES = ("copies", "noisy_copies", "kde")
+NOISE = {"moons": 0.1, "digits": 0.2}
+SPACE = {"moons": "raw", "digits": "digits_cnn"}
+COLUMNS = ("quality", "floor", "copying_ct", "nn1_ratio", "precision", "recall", "memorized")
 
 
 def train_seconds(ckpt: Path) -> float:
@@ -46,8 +65,23 @@ def train_seconds(ckpt: Path) -> float:
     return float(timer["time_elapsed"]["train"])
 
 
-def run_cell(data: str, family: str, size: str, root: Path, seed: int) -> dict:
-    run_dir = root / data / f"{family}_{size}"
+def summary(data: str, metrics: dict) -> dict:
+    space = SPACE[data]
+    get = lambda key: metrics.get(f"eval/{key}", metrics.get(key, math.nan))  # noqa: E731
+    return {
+        "quality": get(f"fd_{space}_vs_heldout"),
+        "floor": get(f"fd_{space}_vs_heldout_floor"),
+        "ci": (get(f"fd_{space}_vs_heldout_ci_low"), get(f"fd_{space}_vs_heldout_ci_high")),
+        "copying_ct": get("data_copying_ct"),
+        "nn1_ratio": get("nn1_ratio_to_heldout"),
+        "precision": get(f"precision_{space}"),
+        "recall": get(f"recall_{space}"),
+        "memorized": get("memorized_fraction"),
+    }
+
+
+def run_cell(data: str, family: str, size: str, seed: int, root: Path) -> dict:
+    run_dir = root / data / f"{family}_{size}_seed{seed}"
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         num_train = "null" if size == "full" else size
@@ -63,34 +97,79 @@ def run_cell(data: str, family: str, size: str, root: Path, seed: int) -> dict:
             "trainer.enable_progress_bar=false",
             "+callbacks.timer._target_=lightning.pytorch.callbacks.Timer",
         ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        print(f"{data} {family} {size}: {time.perf_counter() - start:.0f} s in all", file=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        print(f"{data} {family} {size} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     metrics = json.loads(metrics_path.read_text())
-    return {
-        "family": family,
-        "size": size,
-        "train_s": train_seconds(run_dir / "checkpoints" / "last.ckpt"),
-        "quality": metrics.get(QUALITY[data], float("nan")),
-        "quality_train": metrics.get(QUALITY[data] + ("_train" if data == "moons" else "_heldout")),
-        "memorized": metrics.get("eval/memorized_fraction", float("nan")),
-        "steps": metrics.get("step"),
-    }
+    row = {"family": family, "size": size, "seed": seed, "steps": metrics.get("step")}
+    row["train_s"] = train_seconds(run_dir / "checkpoints" / "last.ckpt")
+    row.update(summary(data, metrics))
+    return row
+
+
+def datamodule(data: str, size: str, seed: int):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_diff.cli import CONF_DIR
+
+    num_train = "null" if size == "full" else size
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={data}", f"data.num_train={num_train}", f"seed={seed}"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    return dm
+
+
+def adversary_cell(data: str, name: str, size: str, seed: int, num_samples: int) -> dict:
+    """An adversary's samples from the training subset, scored like a family's."""
+    from lightning_diff.diffusion.kernel_score import scott_bandwidth
+    from lightning_diff.metrics.pipeline import evaluate_samples
+
+    dm = datamodule(data, size, seed)
+    train = dm.train_tensor()
+    gen = torch.Generator().manual_seed(1000 + seed)
+    picks = train[torch.randint(len(train), (num_samples,), generator=gen)]
+    if name == "copies":
+        samples = picks
+    elif name == "noisy_copies":
+        samples = picks + NOISE[data] * torch.randn(picks.shape, generator=gen)
+    else:
+        bandwidth = float(scott_bandwidth(train.reshape(len(train), -1).double()))
+        samples = picks + bandwidth * torch.randn(picks.shape, generator=gen)
+    values, _ = evaluate_samples(samples, dm, seed=seed)
+    row = {"family": name, "size": size, "seed": seed, "steps": 0, "train_s": 0.0}
+    row.update(summary(data, values))
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "-"
+    mean = float(np.mean(finite))
+    digits = 3 if abs(mean) < 10 else 1
+    if len(finite) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} +- {float(np.std(finite, ddof=1)):.{digits}f}"
 
 
 def table(data: str, rows: list[dict]) -> str:
-    ref = "sliced W2 of training data" if data == "moons" else "held-out data FD"
-    metric = QUALITY[data].split("/")[1]
-    lines = [
-        f"| family | num_train | steps | training time (s) | {metric} | {ref} | memorized |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    metric = f"fd_{SPACE[data]}_vs_heldout"
+    header = (
+        f"| family | num_train | seeds | training time (s) | {metric} | floor | C_T | NN1 ratio to held-out "
+        "| precision | recall | memorized |"
+    )
+    lines = [header, "| " + " | ".join(["---"] * 11) + " |"]
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        ref_value = "" if r["quality_train"] is None else f"{r['quality_train']:.3f}"
-        lines.append(
-            f"| {r['family']} | {r['size']} | {r['steps']} | {r['train_s']:.0f} | {r['quality']:.3f} | "
-            f"{ref_value} | {r['memorized']:.3f} |"
-        )
+        groups.setdefault((r["size"], r["family"]), []).append(r)
+    for (size, family), cell in groups.items():
+        seeds = len(cell)
+        cols = [mean_std([r[c] for r in cell]) for c in COLUMNS]
+        train_s = mean_std([r["train_s"] for r in cell]) if family not in ADVERSARIES else "-"
+        lines.append(f"| {family} | {size} | {seeds} | {train_s} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 
@@ -98,18 +177,31 @@ def main() -> None:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--data", choices=sorted(EXPERIMENTS), default="moons")
-    parser.add_argument("--sizes", nargs="+", default=["32", "128", "512", "full"])
+    parser.add_argument("--sizes", nargs="+", default=["32", "128", "512"])
     parser.add_argument("--families", nargs="+", default=list(EXPERIMENTS["moons"]))
+    parser.add_argument("--adversaries", nargs="*", default=list(ADVERSARIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", type=Path, default=Path("runs/families"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
-    rows = [
-        run_cell(args.data, family, size, args.root, args.seed)
+    cells = [(f, s, k) for s in args.sizes for f in args.families for k in args.seeds]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(lambda c: run_cell(args.data, c[0], c[1], c[2], args.root), cells))
+    num_samples = 2000 if args.data == "moons" else 500
+    rows += [
+        adversary_cell(args.data, name, size, seed, num_samples)
         for size in args.sizes
-        for family in args.families
+        for name in args.adversaries
+        for seed in args.seeds
     ]
+    out_dir = args.root / args.data
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "cells.jsonl", "w") as handle:
+        for r in rows:
+            handle.write(json.dumps(r) + "\n")
+    rows.sort(key=lambda r: (int(r["size"]) if r["size"] != "full" else 10**9, r["family"]))
     out = table(args.data, rows)
-    (args.root / args.data / "table.md").write_text(out + "\n")
+    (out_dir / "table.md").write_text(out + "\n")
     print(out)
 
 

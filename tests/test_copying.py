@@ -203,3 +203,15 @@ def test_precision_recall_of_a_set_with_itself_is_one_and_of_a_far_set_zero():
     x = gaussian_data(200, 0)
     assert precision_recall(x, x, 3) == (1.0, 1.0)
     assert precision_recall(x + 100.0, x, 3) == (0.0, 0.0)
+
+
+def test_subsampling_to_the_heldout_size_is_said_once(caplog):
+    import logging
+
+    metric = HeldoutComparison(gaussian_data(200, 0), gaussian_data(50, 1), bootstrap=5)
+    metric.update(gaussian_data(120, 2))
+    with caplog.at_level(logging.INFO, logger="lightning_diff"):
+        metric.compute()
+        metric.compute()
+    said = [r.getMessage() for r in caplog.records if "subsampled" in r.getMessage()]
+    assert len(said) == 1 and "at 50 points a side" in said[0] and "120 samples" in said[0]

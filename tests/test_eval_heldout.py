@@ -17,7 +17,17 @@ from conftest import compose_named
 
 from lightning_diff.cli.evaluate import evaluate
 
-HELDOUT_ONLY = {"eval/fd_raw_heldout", "eval/sliced_wasserstein_train"}
+HELDOUT_ONLY = {
+    "eval/fd_raw_heldout",
+    "eval/sliced_wasserstein_train",
+    "eval/fd_raw_vs_heldout",
+    "eval/fd_raw_vs_heldout_floor",
+    "eval/fd_raw_vs_heldout_ci_low",
+    "eval/kid_raw_vs_heldout",
+    "eval/precision_raw",
+    "eval/data_copying_ct",
+    "eval/nn1_ratio_to_heldout",
+}
 HELDOUT_REFERENCED = {"eval/sliced_wasserstein", "eval/mmd", "eval/tv_hist"}
 VS_TRAIN = {"eval/sliced_wasserstein_vs_train", "eval/mmd_vs_train", "eval/tv_hist_vs_train"}
 
@@ -68,6 +78,12 @@ def test_with_a_heldout_split_every_heldout_metric_is_reported(arrays):
     # Real held-out data score near 0 against the training set; the shifted samples do not.
     assert metrics["fd_raw_heldout"] > 1e-6 and metrics["fd_raw_heldout"] < metrics["fd_raw"]
     assert metrics["sliced_wasserstein_train"] < metrics["sliced_wasserstein"]
+    # 100 held-out points against 200 samples: compared at 100 each; the shifted samples are worse
+    # than the floor (training points), and they are no copies (a shift of half a standard
+    # deviation barely moves nearest-neighbour distances in 2-D: C_T stays near 0).
+    assert metrics["heldout_compared"] == 100
+    assert metrics["fd_raw_vs_heldout_ci_low"] > metrics["fd_raw_vs_heldout_floor"]
+    assert -3 < metrics["data_copying_ct"] < 3 and metrics["data_copying_cells"] == 2
 
 
 def test_baselines_draw_real_data_at_random_from_a_file_sorted_by_class(tmp_path):

@@ -40,10 +40,18 @@ def test_digits_run_directory_has_everything(digits_run):
         "eval/fd_digits_cnn_heldout",
         "eval/kid_digits_cnn_mean",
         "eval/ratio_mean",
+        "eval/fd_digits_cnn_vs_heldout",
+        "eval/fd_digits_cnn_vs_heldout_floor",
+        "eval/kid_digits_cnn_vs_heldout",
+        "eval/nn1_ratio_to_heldout",
+        "eval/recall_digits_cnn",
     ):
         assert np.isfinite(saved[key]), key
+    assert saved["eval/heldout_compared"] == 32  # the 32 samples against 32 of the held-out digits
+    assert "eval/data_copying_ct" in saved  # NaN here: no cell holds 20 of 32 samples
     figures = sorted(p.name for p in (run_dir / "eval").iterdir())
-    assert figures == ["nearest_step_0000006.png", "nn_histograms_step_0000006.png"]
+    expected = ["data_copying_cells_step_0000006.png", "nearest_step_0000006.png", "nn_histograms_step_0000006.png"]
+    assert figures == expected
     assert np.isfinite(metrics["train/loss"])
 
 

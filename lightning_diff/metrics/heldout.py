@@ -23,6 +23,8 @@ held-out points inside the samples' balls), and ``heldout_compared`` (``n``).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -75,6 +77,9 @@ def resampled_mmd(k_xx: Tensor, k_yy: Tensor, k_xy: Tensor, i: Tensor, j: Tensor
     return within(k_xx, cx) + within(k_yy, cy) - 2 * (cx @ k_xy @ cy) / (cx.sum() * cy.sum())
 
 
+log = logging.getLogger("lightning_diff.metrics")
+
+
 class HeldoutComparison(Metric):
     """Frechet and kernel distances, precision and recall of samples against held-out data at equal
     size, with floors and bootstrap intervals (see the module docstring).
@@ -116,6 +121,7 @@ class HeldoutComparison(Metric):
         # As many training points as could ever be compared: the floor's draw happens in compute().
         self.register_buffer("train_features", features(random_rows(train, len(heldout), seed)), persistent=False)
         self.add_state("features", [], dist_reduce_fx="cat")
+        self._said_subsampled = False
 
     def update(self, samples: Tensor) -> None:
         self.features.append(extract_features(self.feature_extractor, samples).float())
@@ -157,6 +163,16 @@ class HeldoutComparison(Metric):
         n = min(len(fake), len(held))
         if n < self.nearest_k + 2:  # too few points for k-NN balls: nothing to report
             return {}
+        if n < len(fake) and not self._said_subsampled:
+            self._said_subsampled = True
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                log.info(
+                    "held-out comparisons (fd_%s_vs_heldout, ...) at %d points a side, the held-out split's "
+                    "size: %d samples subsampled to it (a larger data.val_fraction compares more)",
+                    self.name,
+                    n,
+                    len(fake),
+                )
         fake, real = random_rows(fake, n, self.seed), random_rows(held, n, self.seed + 1)
         floor_side = random_rows(self.train_features, n, self.seed + 2)
         out = self._scores(fake, real)
