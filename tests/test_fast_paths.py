@@ -280,14 +280,14 @@ def test_cached_ema_update_matches_averaged_model_bit_for_bit():
 def test_nan_loss_is_reported_with_its_first_step_before_any_checkpoint(tmp_path):
     """Losses are checked at logging steps and before checkpoints; the error names the first bad step."""
     model = ddpm(tiny_mlp())
-    model._unchecked_losses = [
+    model.loss_monitor.unchecked = [
         (3, torch.tensor(1.0)),
         (4, torch.tensor(float("inf"))),
         (5, torch.tensor(0.5)),
     ]
     with pytest.raises(FloatingPointError, match=r"^train/loss is inf at step 4: lower model.optimizer.lr"):
         model.check_finite_loss()
-    assert model._unchecked_losses == []
+    assert model.loss_monitor.unchecked == []
     model.check_finite_loss()  # nothing pending: nothing to raise
 
 

@@ -6,8 +6,9 @@ denoiser interface), ``schedule`` (an object with ``sampling_sigmas`` and ``prio
 Everything downstream (samplers, callbacks, metrics, the CLI) talks to ``denoiser`` and ``sample``
 only.
 
-Over 400 lines: the Lightning hooks that exact resume, the deferred NaN check, logging at logging
-steps and the EMA update rely on run in a fixed order and share state, so they stay in one class.
+The training loss's deferred NaN check and the decision to log it at logging steps are a
+:class:`~lightning_diff.models.loss_monitor.LossMonitor` that the hooks here feed; the EMA is
+:mod:`lightning_diff.models.ema`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning_diff.diffusion.samplers import Sampler, Schedule, sample_ddim
 from lightning_diff.errors import ConfigError
 from lightning_diff.lightning_internals import attached_trainer
 from lightning_diff.models.ema import EMAUpdate, ExponentialAverage
+from lightning_diff.models.loss_monitor import LossMonitor
 from lightning_diff.resume import (
     RNG_KEY,
     align_loop_state,
@@ -38,8 +40,6 @@ from lightning_diff.resume import (
 from lightning_diff.seeding import step_seed
 
 CHECKPOINT_KEY = "lightning_diff"
-#: Training losses held on the device before they are checked for NaN/inf at the latest.
-MAX_UNCHECKED_LOSSES = 100
 
 
 def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
@@ -143,9 +143,7 @@ class DiffusionModule(L.LightningModule):
         self._noise_generator: torch.Generator | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         # Training losses not yet checked for NaN/inf, and what on_train_batch_end may log.
-        self._unchecked_losses: list[tuple[int, Tensor]] = []
-        self._step_loss: tuple[Tensor, int] | None = None
-        self._step_lr: float | None = None
+        self.loss_monitor = LossMonitor()
         self._denoisers: dict[bool, Denoiser] = {}
         # Buffers whose shape is only known once data are seen; see _load_from_state_dict.
         self._data_buffers: list[str] = []
@@ -283,61 +281,19 @@ class DiffusionModule(L.LightningModule):
         loss = self.loss(batch, generator=self.training_noise(batch_idx)).mean()
         # Nothing here waits for the device: the loss is checked for NaN/inf (check_finite_loss) and
         # logged (on_train_batch_end) only at the steps where something reads it.
-        detached = loss.detach()
-        self._unchecked_losses.append((self.global_step, detached))
-        self._step_loss = (detached, batch.shape[0])
-        if len(self._unchecked_losses) >= MAX_UNCHECKED_LOSSES:
-            self.check_finite_loss()
+        self.loss_monitor.record(self.global_step, loss.detach(), batch.shape[0])
         return loss
 
     def check_finite_loss(self) -> None:
-        """Raise FloatingPointError naming the first step whose training loss was NaN or infinite.
-
-        Losses are kept on the device until this runs: at every logging step, before every
-        checkpoint is written, before validation and the sampling callbacks, at the end of training,
-        and at least every ``MAX_UNCHECKED_LOSSES`` steps. A bad loss therefore stops training within
-        that many steps and never reaches a checkpoint, a sample grid or an evaluation.
-        """
-        pending, self._unchecked_losses = self._unchecked_losses, []
-        if not pending:
-            return
-        finite = torch.isfinite(torch.stack([loss for _, loss in pending])).cpu()
-        if bool(finite.all()):
-            return
-        first = int((~finite).nonzero()[0, 0])
-        step, loss = pending[first]
-        raise FloatingPointError(
-            f"train/loss is {loss.item()} at step {step}: lower model.optimizer.lr or set "
-            "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
-        )
-
-    def _logs_this_step(self, batch_idx: int, stepped: bool) -> bool:
-        """Whether this batch's metrics reach the loggers, or the batch ends an epoch or training.
-
-        Called from ``on_train_batch_end``. Lightning hands a batch's metrics to the loggers when the
-        number of optimiser steps counting this batch (``global_step``, plus one for a batch that
-        only accumulated gradients) is a multiple of ``trainer.log_every_n_steps``, or when the
-        trainer is stopping. Only then, and at the last batch of an epoch or of training, are
-        train/loss and train/lr logged, so callback metrics and the progress bar show the values of
-        the last logging step in between. Public trainer attributes only.
-        """
-        trainer = self.trainer
-        step = trainer.global_step
-        counted = step if stepped else step + 1
-        return (
-            counted % max(1, int(trainer.log_every_n_steps)) == 0
-            or trainer.should_stop
-            or 0 < trainer.max_steps <= step
-            or batch_idx + 1 >= trainer.num_training_batches
-        )
+        """Raise FloatingPointError naming the first step whose training loss was NaN or infinite
+        (see :meth:`LossMonitor.check` for when this runs)."""
+        self.loss_monitor.check()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step_loss, lr = self._step_loss, self._step_lr
-        self._step_loss = self._step_lr = None
-        if step_loss is None or not self._logs_this_step(batch_idx, stepped=lr is not None):
+        taken = self.loss_monitor.take(self.trainer, batch_idx)
+        if taken is None:
             return
-        self.check_finite_loss()
-        loss, batch_size = step_loss
+        loss, batch_size, lr = taken
         # Averaged over processes (the loss of the global batch, as one process would log it) and
         # handed over on the CPU, so that the progress bar's per-step reading never waits for a GPU.
         loss = self.trainer.strategy.reduce(loss.clone(), reduce_op="mean").cpu()
@@ -388,7 +344,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The rate this step uses; logged with the loss at the end of the step (on_train_batch_end).
-        self._step_lr = optimizer.param_groups[0]["lr"]
+        self.loss_monitor.record_lr(optimizer.param_groups[0]["lr"])
 
     def on_validation_epoch_start(self) -> None:
         self.check_finite_loss()
