@@ -31,7 +31,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_diff.metrics.distances import nearest_neighbours
-from lightning_diff.metrics.frechet import extract_features, feature_space_name
+from lightning_diff.metrics.frechet import chunked_features, extract_features, feature_space_name, frozen
 
 COPYING_THRESHOLD = -3.0
 
@@ -103,9 +103,7 @@ class DataCopying(Metric):
             )
         if min_cell_samples < 1:
             raise ValueError(f"min_cell_samples={min_cell_samples} must be at least 1")
-        self.feature_extractor = feature_extractor
-        if feature_extractor is not None:
-            feature_extractor.eval().requires_grad_(False)
+        self.feature_extractor = frozen(feature_extractor)
         self.name = feature_space_name(feature_extractor, name)
         self.chunk_size = chunk_size
         self.min_cell_samples = int(min_cell_samples)
@@ -125,7 +123,7 @@ class DataCopying(Metric):
         self.add_state("cell", [], dist_reduce_fx="cat")
 
     def _features(self, x: Tensor) -> Tensor:
-        return torch.cat([extract_features(self.feature_extractor, t).float() for t in x.split(self.chunk_size)])
+        return chunked_features(self.feature_extractor, x, self.chunk_size).float()
 
     def _cells(self, features: Tensor) -> Tensor:
         return nearest_neighbours(features, self.centres, k=1, chunk_size=self.chunk_size)[1][:, 0]

@@ -73,6 +73,21 @@ def extract_features(extractor: nn.Module | None, x: Tensor) -> Tensor:
     return features.detach().reshape(features.shape[0], -1)
 
 
+def frozen(extractor: nn.Module | None) -> nn.Module | None:
+    """The extractor in eval mode with gradients off (None stays None): metrics only read it."""
+    if extractor is not None:
+        extractor.eval().requires_grad_(False)
+    return extractor
+
+
+def chunked_features(
+    extractor: nn.Module | None, x: Tensor, chunk_size: int, device: torch.device | None = None
+) -> Tensor:
+    """:func:`extract_features` of ``x``, ``chunk_size`` rows at a time (moved to ``device`` if given)."""
+    chunks = [extract_features(extractor, t if device is None else t.to(device)) for t in x.split(chunk_size)]
+    return torch.cat(chunks)
+
+
 def feature_space_name(extractor: nn.Module | None, name: str | None = None) -> str:
     """``name`` if given, else the extractor's ``name`` attribute, else ``"raw"``."""
     if name is not None:
@@ -114,9 +129,7 @@ class FrechetDistance(Metric):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.feature_extractor = feature_extractor
-        if feature_extractor is not None:
-            feature_extractor.eval().requires_grad_(False)
+        self.feature_extractor = frozen(feature_extractor)
         self.name = feature_space_name(feature_extractor, name)
         feature_dim = feature_dim or getattr(feature_extractor, "feature_dim", None)
         if feature_dim is None:
@@ -238,9 +251,7 @@ class KernelDistance(Metric):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.feature_extractor = feature_extractor
-        if feature_extractor is not None:
-            feature_extractor.eval().requires_grad_(False)
+        self.feature_extractor = frozen(feature_extractor)
         self.name = feature_space_name(feature_extractor, name)
         self.subsets = subsets
         self.subset_size = subset_size

@@ -32,7 +32,14 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_diff.metrics.distances import nearest_neighbours, random_rows
-from lightning_diff.metrics.frechet import extract_features, feature_space_name, frechet_distance, polynomial_mmd
+from lightning_diff.metrics.frechet import (
+    chunked_features,
+    extract_features,
+    feature_space_name,
+    frechet_distance,
+    frozen,
+    polynomial_mmd,
+)
 
 
 def gaussian_fd(x: Tensor, y: Tensor) -> float:
@@ -108,14 +115,12 @@ class HeldoutComparison(Metric):
         super().__init__(**kwargs)
         if len(heldout) < 2 or len(train) < 2:
             raise ValueError("held-out comparisons need two or more training and held-out points")
-        self.feature_extractor = feature_extractor
-        if feature_extractor is not None:
-            feature_extractor.eval().requires_grad_(False)
+        self.feature_extractor = frozen(feature_extractor)
         self.name = feature_space_name(feature_extractor, name)
         self.bootstrap, self.nearest_k, self.seed, self.chunk_size = int(bootstrap), int(nearest_k), seed, chunk_size
 
         def features(x: Tensor) -> Tensor:
-            return torch.cat([extract_features(feature_extractor, t).float() for t in x.split(chunk_size)])
+            return chunked_features(feature_extractor, x, chunk_size).float()
 
         self.register_buffer("heldout_features", features(heldout), persistent=False)
         # As many training points as could ever be compared: the floor's draw happens in compute().

@@ -16,7 +16,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from lightning_diff.metrics.distances import nearest_neighbours
-from lightning_diff.metrics.frechet import extract_features, feature_space_name
+from lightning_diff.metrics.frechet import chunked_features, extract_features, feature_space_name, frozen
 
 
 class Memorization(Metric):
@@ -59,22 +59,18 @@ class Memorization(Metric):
         super().__init__(**kwargs)
         if len(train) < 2:
             raise ValueError("memorization needs at least two training samples")
-        self.feature_extractor = feature_extractor
-        if feature_extractor is not None:
-            feature_extractor.eval().requires_grad_(False)
+        self.feature_extractor = frozen(feature_extractor)
         self.name = feature_space_name(feature_extractor, name)
         self.chunk_size = chunk_size
         self.threshold = threshold
         self.extraction_delta = extraction_delta
         param = next(feature_extractor.parameters(), None) if feature_extractor is not None else None
         device = param.device if param is not None else train.device
-        features = torch.cat(
-            [extract_features(feature_extractor, t.to(device)) for t in train.split(chunk_size)]
-        )
+        features = chunked_features(feature_extractor, train, chunk_size, device)
         self.register_buffer("train_features", features, persistent=False)
         held_nn1 = None
         if heldout is not None and len(heldout):
-            held = torch.cat([extract_features(feature_extractor, t.to(device)) for t in heldout.split(chunk_size)])
+            held = chunked_features(feature_extractor, heldout, chunk_size, device)
             held_nn1 = nearest_neighbours(held, features, k=1, chunk_size=chunk_size)[0][:, 0]
         self.register_buffer("heldout_nn1", held_nn1, persistent=False)
         self.add_state("nn1", [], dist_reduce_fx="cat")
