@@ -15,7 +15,8 @@ splits and seeds without any training:
 - ``kde``: a plain Gaussian kernel density on the training subset (Scott's bandwidth).
 
 Cells already done are reused, so the script can be stopped and restarted; ``--jobs 2`` runs two
-trainings at once with one thread each.
+trainings at once with one thread each; ``--reevaluate`` scores finished runs again through ``ld-eval``
+(same samples) when the evaluation has changed since they trained.
 
     .venv/bin/python bench/families.py --data moons --sizes 32 128 512 --seeds 0 1 2 --jobs 2
     .venv/bin/python bench/families.py --data digits --sizes 32 --seeds 0 1 2 --jobs 2
@@ -56,6 +57,7 @@ EXPERIMENTS = {
 ADVERSARIES = ("copies", "noisy_copies", "kde")
 NOISE = {"moons": 0.1, "digits": 0.2}
 SPACE = {"moons": "raw", "digits": "digits_cnn"}
+EVALUATION_SEED = 12345  # conf/callback/evaluation.yaml
 COLUMNS = ("quality", "floor", "copying_ct", "nn1_ratio", "precision", "recall", "memorized")
 
 
@@ -80,7 +82,26 @@ def summary(data: str, metrics: dict) -> dict:
     }
 
 
-def run_cell(data: str, family: str, size: str, seed: int, root: Path) -> dict:
+def reevaluate(run_dir: Path, num_samples: int) -> dict:
+    """``ld-eval`` of the run's last checkpoint with the evaluation's own samples (sample seed and
+    sampler as in training), cached in ``metrics_eval.json``: metrics added or fixed after the run
+    trained, without training again."""
+    out = run_dir / "metrics_eval.json"
+    if not out.is_file():
+        cmd = [
+            sys.executable,
+            "-m",
+            "lightning_diff.cli.evaluate",
+            f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"num_samples={num_samples}",
+            f"out={out}",
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return json.loads(out.read_text())
+
+
+def run_cell(data: str, family: str, size: str, seed: int, root: Path, again: bool = False) -> dict:
     run_dir = root / data / f"{family}_{size}_seed{seed}"
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
@@ -102,6 +123,8 @@ def run_cell(data: str, family: str, size: str, seed: int, root: Path) -> dict:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         print(f"{data} {family} {size} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     metrics = json.loads(metrics_path.read_text())
+    if again:
+        metrics.update(reevaluate(run_dir, int(metrics["num_samples"])))
     row = {"family": family, "size": size, "seed": seed, "steps": metrics.get("step")}
     row["train_s"] = train_seconds(run_dir / "checkpoints" / "last.ckpt")
     row.update(summary(data, metrics))
@@ -138,7 +161,8 @@ def adversary_cell(data: str, name: str, size: str, seed: int, num_samples: int)
     else:
         bandwidth = float(scott_bandwidth(train.reshape(len(train), -1).double()))
         samples = picks + bandwidth * torch.randn(picks.shape, generator=gen)
-    values, _ = evaluate_samples(samples, dm, seed=seed)
+    # The training callback's metric seed, so the adversaries' held-out draws and floors are the runs'.
+    values, _ = evaluate_samples(samples, dm, seed=EVALUATION_SEED)
     row = {"family": name, "size": size, "seed": seed, "steps": 0, "train_s": 0.0}
     row.update(summary(data, values))
     return row
@@ -183,10 +207,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", type=Path, default=Path("runs/families"))
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument(
+        "--reevaluate", action="store_true", help="score finished runs again with ld-eval (metrics_eval.json)"
+    )
     args = parser.parse_args()
     cells = [(f, s, k) for s in args.sizes for f in args.families for k in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda c: run_cell(args.data, c[0], c[1], c[2], args.root), cells))
+        rows = list(pool.map(lambda c: run_cell(args.data, *c, args.root, args.reevaluate), cells))
     num_samples = 2000 if args.data == "moons" else 500
     rows += [
         adversary_cell(args.data, name, size, seed, num_samples)

@@ -215,3 +215,16 @@ def test_subsampling_to_the_heldout_size_is_said_once(caplog):
         metric.compute()
     said = [r.getMessage() for r in caplog.records if "subsampled" in r.getMessage()]
     assert len(said) == 1 and "at 50 points a side" in said[0] and "120 samples" in said[0]
+
+
+def test_a_training_set_smaller_than_the_heldout_split_sets_the_size_of_every_side():
+    """A memorization study's 32 training points: the floor can only use 32, so all sides use 32."""
+    train, heldout = gaussian_data(32, 0), gaussian_data(400, 1)
+    metric = HeldoutComparison(train, heldout, bootstrap=0, seed=0)
+    metric.update(gaussian_data(500, 2))
+    values = {k: float(v) for k, v in metric.compute().items()}
+    assert values["heldout_compared"] == 32
+    from lightning_diff.metrics.distances import random_rows
+
+    real = random_rows(heldout, 32, 1).double().numpy()
+    assert values["fd_raw_vs_heldout_floor"] == pytest.approx(scipy_fd(train.double().numpy(), real), rel=1e-6)

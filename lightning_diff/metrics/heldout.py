@@ -3,8 +3,9 @@
 The Frechet distance to the training set rewards reproducing the training set (a copy machine scores
 best), and distances between sets of different sizes cannot be compared (the Frechet distance falls
 as the number of points grows). Here every comparison is against data the model never saw, with
-both sides the same size ``n`` (the smaller of the generated and held-out counts; the larger side is
-subsampled with a seed), and each value comes with
+both sides the same size ``n`` (the smallest of the generated, held-out and training counts; larger
+sets are subsampled with a seed, and a small training set, as in a memorization study, sets ``n``
+so that the floor is at the same size too), and each value comes with
 
 - its floor: ``n`` training points scored the same way against the same held-out points, what a model
   that samples the data distribution exactly reaches (``<key>_floor``);
@@ -165,17 +166,20 @@ class HeldoutComparison(Metric):
     def compute(self) -> dict[str, Tensor]:
         fake = dim_zero_cat(self.features)
         held = self.heldout_features
-        n = min(len(fake), len(held))
+        # Every side the same size: samples, held-out points and the floor's training points.
+        n = min(len(fake), len(held), len(self.train_features))
         if n < self.nearest_k + 2:  # too few points for k-NN balls: nothing to report
             return {}
         if n < len(fake) and not self._said_subsampled:
             self._said_subsampled = True
             if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
                 log.info(
-                    "held-out comparisons (fd_%s_vs_heldout, ...) at %d points a side, the held-out split's "
-                    "size: %d samples subsampled to it (a larger data.val_fraction compares more)",
+                    "held-out comparisons (fd_%s_vs_heldout, ...) at %d points a side, the smaller of the "
+                    "held-out split (%d) and the training set (%d): %d samples subsampled to it",
                     self.name,
                     n,
+                    len(held),
+                    len(self.train_features),
                     len(fake),
                 )
         fake, real = random_rows(fake, n, self.seed), random_rows(held, n, self.seed + 1)
