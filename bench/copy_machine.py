@@ -43,7 +43,9 @@ def splits():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     args = parser.parse_args()
     train, heldout = splits()
@@ -62,7 +64,14 @@ def main() -> None:
                 path = Path(tmp) / f"samples_{seed}.npy"
                 np.save(path, samples.numpy())
                 out = Path(tmp) / "metrics.json"
-                cmd = [sys.executable, "-m", "lightning_diff.cli.evaluate", f"samples={path}", "data=digits", f"out={out}"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "lightning_diff.cli.evaluate",
+                    f"samples={path}",
+                    "data=digits",
+                    f"out={out}",
+                ]
                 subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
                 results.setdefault(name, []).append(json.loads(out.read_text()))
     Path("runs").mkdir(exist_ok=True)

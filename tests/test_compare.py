@@ -80,7 +80,9 @@ def test_frontier_has_a_point_per_run_that_reports_both_axes(two_runs, tmp_path)
         shutil.copytree(run, copy)
         metrics = json.loads((copy / "metrics.json").read_text())
         metrics.update({"eval/data_copying_ct": -4.0 + 3 * i, "eval/fd_raw_vs_heldout": 1.0 - 0.5 * i})
-        metrics.update({"eval/fd_raw_vs_heldout_ci_low": 0.5 - 0.5 * i, "eval/fd_raw_vs_heldout_ci_high": 1.5})
+        metrics.update(
+            {"eval/fd_raw_vs_heldout_ci_low": 0.5 - 0.5 * i, "eval/fd_raw_vs_heldout_ci_high": 1.5}
+        )
         (copy / "metrics.json").write_text(json.dumps(metrics))
         copies.append(copy)
     result = compare(copies, tmp_path / "cmp")

@@ -130,7 +130,9 @@ def numpy_kid(x: np.ndarray, y: np.ndarray) -> float:
     kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
     m, n = len(x), len(y)
     return float(
-        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean()
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        - 2 * kxy.mean()
     )
 
 
@@ -161,7 +163,9 @@ def test_heldout_comparison_at_equal_size_against_independent_computations():
     assert values["fd_raw_vs_heldout"] == pytest.approx(scipy_fd(fake, real), rel=1e-6)
     assert values["kid_raw_vs_heldout"] == pytest.approx(numpy_kid(real, fake), rel=1e-6)
     precision, recall = numpy_precision_recall(fake, real, 3)
-    assert values["precision_raw"] == pytest.approx(precision) and values["recall_raw"] == pytest.approx(recall)
+    assert values["precision_raw"] == pytest.approx(precision) and values["recall_raw"] == pytest.approx(
+        recall
+    )
     floor = random_rows(random_rows(train, 150, 3), 150, 5).double().numpy()
     assert values["fd_raw_vs_heldout_floor"] == pytest.approx(scipy_fd(floor, real), rel=1e-6)
     for key in ("fd_raw_vs_heldout", "kid_raw_vs_heldout"):
@@ -177,7 +181,11 @@ def test_two_halves_of_one_data_set_score_near_the_floor():
     fd, floor = values["fd_raw_vs_heldout"], values["fd_raw_vs_heldout_floor"]
     assert values["fd_raw_vs_heldout_ci_low"] <= floor <= values["fd_raw_vs_heldout_ci_high"]
     assert abs(fd - floor) < 0.1 and fd < 0.2
-    assert values["kid_raw_vs_heldout_ci_low"] <= values["kid_raw_vs_heldout_floor"] <= values["kid_raw_vs_heldout_ci_high"]
+    assert (
+        values["kid_raw_vs_heldout_ci_low"]
+        <= values["kid_raw_vs_heldout_floor"]
+        <= values["kid_raw_vs_heldout_ci_high"]
+    )
     # A shifted set is outside the interval of the fresh one.
     metric.reset()
     metric.update(samples + 0.5)
@@ -227,4 +235,6 @@ def test_a_training_set_smaller_than_the_heldout_split_sets_the_size_of_every_si
     from lightning_diff.metrics.distances import random_rows
 
     real = random_rows(heldout, 32, 1).double().numpy()
-    assert values["fd_raw_vs_heldout_floor"] == pytest.approx(scipy_fd(train.double().numpy(), real), rel=1e-6)
+    assert values["fd_raw_vs_heldout_floor"] == pytest.approx(
+        scipy_fd(train.double().numpy(), real), rel=1e-6
+    )

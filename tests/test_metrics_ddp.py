@@ -111,7 +111,10 @@ def test_metrics_agree_with_two_processes(tmp_path):
     data = make_data()
     single = evaluate(data, rank=0, world_size=1)
     assert float(single["mem_memorized_fraction"]) > 0 and float(single["mem_extracted_count"]) == 20
-    assert math.isfinite(float(single["copying_data_copying_ct"])) and float(single["copying_data_copying_cells"]) >= 2
+    assert (
+        math.isfinite(float(single["copying_data_copying_ct"]))
+        and float(single["copying_data_copying_cells"]) >= 2
+    )
     assert float(single["heldout_heldout_compared"]) == 160
     torch.testing.assert_close(single["fd_cached"], single["fd"])
     torch.testing.assert_close(single["fd_kept"], single["fd"])

@@ -50,7 +50,11 @@ def test_digits_run_directory_has_everything(digits_run):
     assert saved["eval/heldout_compared"] == 32  # the 32 samples against 32 of the held-out digits
     assert "eval/data_copying_ct" in saved  # NaN here: no cell holds 20 of 32 samples
     figures = sorted(p.name for p in (run_dir / "eval").iterdir())
-    expected = ["data_copying_cells_step_0000006.png", "nearest_step_0000006.png", "nn_histograms_step_0000006.png"]
+    expected = [
+        "data_copying_cells_step_0000006.png",
+        "nearest_step_0000006.png",
+        "nn_histograms_step_0000006.png",
+    ]
     assert figures == expected
     assert np.isfinite(metrics["train/loss"])
 

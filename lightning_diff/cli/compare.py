@@ -249,7 +249,10 @@ def plot_frontier(path: Path, runs: list[Run]) -> Path | None:
         run
         for run in runs
         if quality is not None
-        and all(isinstance(run.final.get(k), (int, float)) and math.isfinite(run.final[k]) for k in (quality, COPYING_KEY))
+        and all(
+            isinstance(run.final.get(k), (int, float)) and math.isfinite(run.final[k])
+            for k in (quality, COPYING_KEY)
+        )
     ]
     if not points:
         return None
@@ -266,7 +269,9 @@ def plot_frontier(path: Path, runs: list[Run]) -> Path | None:
         ax.errorbar([x], [y], yerr=yerr, fmt="o", capsize=3, label=run.label)
     floors = [run.final[f"{quality}_floor"] for run in points if f"{quality}_floor" in run.final]
     if floors:
-        ax.axhline(float(sum(floors) / len(floors)), color="gray", linestyle=":", label="floor (training data)")
+        ax.axhline(
+            float(sum(floors) / len(floors)), color="gray", linestyle=":", label="floor (training data)"
+        )
     ax.axvline(-3.0, color="tab:red", linestyle="--", label="copying below")
     ax.set_xlabel("data-copying statistic C_T (negative: closer to the training set than fresh data)")
     ax.set_ylabel(quality.removeprefix("eval/") + " (lower is better)")

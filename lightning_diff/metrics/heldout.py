@@ -118,14 +118,21 @@ class HeldoutComparison(Metric):
             raise ValueError("held-out comparisons need two or more training and held-out points")
         self.feature_extractor = frozen(feature_extractor)
         self.name = feature_space_name(feature_extractor, name)
-        self.bootstrap, self.nearest_k, self.seed, self.chunk_size = int(bootstrap), int(nearest_k), seed, chunk_size
+        self.bootstrap, self.nearest_k, self.seed, self.chunk_size = (
+            int(bootstrap),
+            int(nearest_k),
+            seed,
+            chunk_size,
+        )
 
         def features(x: Tensor) -> Tensor:
             return chunked_features(feature_extractor, x, chunk_size).float()
 
         self.register_buffer("heldout_features", features(heldout), persistent=False)
         # As many training points as could ever be compared: the floor's draw happens in compute().
-        self.register_buffer("train_features", features(random_rows(train, len(heldout), seed)), persistent=False)
+        self.register_buffer(
+            "train_features", features(random_rows(train, len(heldout), seed)), persistent=False
+        )
         self.add_state("features", [], dist_reduce_fx="cat")
         self._said_subsampled = False
 

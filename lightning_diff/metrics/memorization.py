@@ -32,8 +32,9 @@ class Memorization(Metric):
     ``compute()`` returns ``memorized_fraction`` (ratio below ``threshold``), ``ratio_mean`` and
     ``nn1_mean``; with ``heldout`` data also ``nn1_ratio_to_heldout``, the median NN1 distance of the
     samples over that of the held-out points (about 1 for a model of the distribution, well below 1
-    for one that copies or adds noise to training points, above 1 for one that under-fits); with ``extraction_delta`` also ``extracted_count``, the number of distinct training
-    samples some generated sample comes within ``extraction_delta`` of. That count follows the
+    for one that copies or adds noise to training points, above 1 for one that under-fits); with
+    ``extraction_delta`` also ``extracted_count``, the number of distinct training samples some
+    generated sample comes within ``extraction_delta`` of. That count follows the
     (l2, delta)-extraction of Carlini et al. 2023 only in spirit: they use a tiled L2 over image
     patches, this uses the plain L2 of the metric's space.
 

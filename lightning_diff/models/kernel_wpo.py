@@ -10,7 +10,8 @@ precisions from the MFG's terminal condition by implicit score matching. Here:
   (the ``net`` of this family);
 * ``rho_sigma`` adds ``sigma^2 I`` to every component covariance (the heat flow, exact), so the
   denoiser ``D(x, sigma) = x + sigma^2 grad log rho_sigma(x)`` is in closed form at every sigma and
-  every sampler of the package applies unchanged (:class:`~lightning_diff.diffusion.kernel_score.KernelScore`);
+  every sampler of the package applies unchanged
+  (:class:`~lightning_diff.diffusion.kernel_score.KernelScore`);
 * training minimises Hyvarinen's objective ``1/2 |grad log rho_0|^2 + Laplacian log rho_0`` over
   training batches, each point scored by the mixture *without any component centred on itself*. With
   centres = all points this is leave-one-out; with a subset, points that are not centres are scored by

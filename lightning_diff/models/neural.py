@@ -46,7 +46,9 @@ class PreconditionedModule(DiffusionModule):
         **kwargs: Any,
     ):
         if isinstance(net, PrecisionField):
-            raise ConfigError("net=precision_field is the kernel model's net; use net=auto|mlp|unet or model=kernel_wpo")
+            raise ConfigError(
+                "net=precision_field is the kernel model's net; use net=auto|mlp|unet or model=kernel_wpo"
+            )
         super().__init__(net, **kwargs)
         self.prediction = check_prediction(prediction)
         if sigma_data is not None and not sigma_data > 0:
