@@ -5,7 +5,8 @@
 For each inner sampler (DDIM over a 50-step grid, Heun over an 18-step grid) and skip fraction
 0, 0.1, ..., 0.4, the first steps are replaced by the closed-form flow of the training set's
 Gaussian and the model runs the rest of the same grid. Prints a Markdown table of model
-evaluations used and saved per sample and the sample metrics of ``ld-eval`` (digits-CNN Frechet
+evaluations used and saved per sample and the sample metrics of ``ld-eval`` (held-out Frechet distance
+at equal size with its interval and floor, the data-copying statistic, digits-CNN Frechet
 distance to the training set, sliced Wasserstein distance to the held-out split, memorized
 fraction). Every row uses the same seeds, (12345, i) for sample i.
 """
@@ -41,9 +42,9 @@ def main(argv: list[str]) -> None:
     print(f"checkpoint {args['ckpt']}, {num_samples} samples; {machine_line()}\n")
     print(
         "| inner sampler | grid steps | skip | sigma at hand-over | NFE used | NFE saved | seconds | fd "
-        "| sliced W2 | memorized |"
+        "| fd vs held-out [interval] (floor) | C_T | sliced W2 | memorized |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, steps in SAMPLERS:
         for skip in SKIPS:
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -67,11 +68,16 @@ def main(argv: list[str]) -> None:
             metrics, _ = evaluate_samples(
                 samples, datamodule, kid=False, cache_dir=Path(".cache/lightning_diff")
             )
-            fd = next(v for k, v in metrics.items() if k.startswith("fd_") and not k.endswith("_heldout"))
+            key = next(k for k in metrics if k.startswith("fd_") and k.endswith("_vs_heldout"))
+            fd = metrics[key.removesuffix("_vs_heldout")]  # to the training set's statistics
+            held = (
+                f"{metrics[key]:.1f} [{metrics[key + '_ci_low']:.1f}, {metrics[key + '_ci_high']:.1f}] "
+                f"({metrics[key + '_floor']:.1f})"
+            )
             print(
                 f"| {name.removeprefix('teleport_')} | {steps} | {skip:.0%} | {handover:.3g} | {nfe} | "
-                f"{teleport.saved_nfe} | {seconds:.1f} | {fd:.2f} | {metrics['sliced_wasserstein']:.3f} | "
-                f"{metrics['memorized_fraction']:.3f} |"
+                f"{teleport.saved_nfe} | {seconds:.1f} | {fd:.2f} | {held} | {metrics['data_copying_ct']:.1f} | "
+                f"{metrics['sliced_wasserstein']:.3f} | {metrics['memorized_fraction']:.3f} |"
             )
 
 
