@@ -273,7 +273,7 @@ def plot_frontier(path: Path, runs: list[Run]) -> Path | None:
             float(sum(floors) / len(floors)), color="gray", linestyle=":", label="floor (training data)"
         )
     ax.axvline(-3.0, color="tab:red", linestyle="--", label="copying below")
-    ax.set_xlabel("data-copying statistic C_T (negative: closer to the training set than fresh data)")
+    ax.set_xlabel("data-copying C_T (below 0: closer to the training set than fresh data)")
     ax.set_ylabel(quality.removeprefix("eval/") + " (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
