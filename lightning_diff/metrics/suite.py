@@ -36,7 +36,7 @@ from lightning_diff.generation import shard_indices
 from lightning_diff.metrics.copying import DataCopying
 from lightning_diff.metrics.distances import random_rows
 from lightning_diff.metrics.features import DigitsFeatures, RawFeatures
-from lightning_diff.metrics.frechet import FrechetDistance, KernelDistance
+from lightning_diff.metrics.frechet import FrechetDistance, KernelDistance, chunked_features, extract_features
 from lightning_diff.metrics.heldout import HeldoutComparison
 from lightning_diff.metrics.memorization import Memorization
 from lightning_diff.metrics.vector import MMD, DataLogLikelihood, HistogramTV, SlicedWasserstein
@@ -46,6 +46,7 @@ FEATURE_SPACES = ("auto", "raw", "digits_cnn")
 # training set and carry this suffix.
 HELDOUT_REFERENCED = ("sliced_wasserstein", "mmd", "tv_hist")
 VS_TRAIN = "_vs_train"
+FEATURE_CHUNK = 1024  # rows through the feature extractor at a time
 
 log = logging.getLogger("lightning_diff.metrics")
 
@@ -116,11 +117,15 @@ class EvaluationSuite(nn.Module):
             self.kid.update(self._kid_reference, real=True)
         self.memorization = Memorization(train, heldout=self.heldout)
         # What a copy machine cannot win: the data-copying test and the held-out comparisons at
-        # equal size, in the Frechet distance's feature space.
-        self.copying = DataCopying(train, self.heldout, extractor, seed=seed) if self.has_heldout else None
-        self.heldout_comparison = (
-            HeldoutComparison(train, self.heldout, extractor, seed=seed) if self.has_heldout else None
-        )
+        # equal size, in the Frechet distance's feature space. Both take features extracted once
+        # here (and once per batch in update), not each through the extractor.
+        self.copying: DataCopying | None = None
+        self.heldout_comparison: HeldoutComparison | None = None
+        if self.has_heldout:
+            train_f = chunked_features(extractor, train, FEATURE_CHUNK)
+            held_f = chunked_features(extractor, self.heldout, FEATURE_CHUNK)
+            self.copying = DataCopying(train_f, held_f, name=self.frechet.name, seed=seed)
+            self.heldout_comparison = HeldoutComparison(train_f, held_f, name=self.frechet.name, seed=seed)
         self.sliced_wasserstein = SlicedWasserstein(reference, seed=seed)
         self.vector_metrics = nn.ModuleDict()
         if not self.is_image:
@@ -174,9 +179,10 @@ class EvaluationSuite(nn.Module):
         if self.kid is not None:
             self.kid.update(samples, real=False)
         self.memorization.update(samples)
-        for metric in (self.copying, self.heldout_comparison):
-            if metric is not None:
-                metric.update(samples)
+        if self.copying is not None and self.heldout_comparison is not None:
+            features = extract_features(self.frechet.feature_extractor, samples)
+            self.copying.update(features)
+            self.heldout_comparison.update(features)
         self.sliced_wasserstein.update(samples)
         for metric in self.vector_metrics.values():
             metric.update(samples)
