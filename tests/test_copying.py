@@ -223,6 +223,7 @@ def test_subsampling_to_the_heldout_size_is_said_once(caplog):
         metric.compute()
     said = [r.getMessage() for r in caplog.records if "subsampled" in r.getMessage()]
     assert len(said) == 1 and "at 50 points a side" in said[0] and "120 samples" in said[0]
+    assert "held-out split (50) and the training set (200)" in said[0]  # the whole set, not the kept rows
 
 
 def test_a_training_set_smaller_than_the_heldout_split_sets_the_size_of_every_side():

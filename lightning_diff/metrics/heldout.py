@@ -130,6 +130,7 @@ class HeldoutComparison(Metric):
 
         self.register_buffer("heldout_features", features(heldout), persistent=False)
         # As many training points as could ever be compared: the floor's draw happens in compute().
+        self.num_train = len(train)
         self.register_buffer(
             "train_features", features(random_rows(train, len(heldout), seed)), persistent=False
         )
@@ -186,7 +187,7 @@ class HeldoutComparison(Metric):
                     self.name,
                     n,
                     len(held),
-                    len(self.train_features),
+                    self.num_train,
                     len(fake),
                 )
         fake, real = random_rows(fake, n, self.seed), random_rows(held, n, self.seed + 1)
