@@ -12,7 +12,15 @@ splits and seeds without any training:
 
 - ``copies``: the training subset itself, sampled with replacement (a copy machine);
 - ``noisy_copies``: the same plus Gaussian noise (0.2 per pixel for digits, 0.1 for moons);
-- ``kde``: a plain Gaussian kernel density on the training subset (Scott's bandwidth).
+- ``kde``: a plain Gaussian kernel density on the training subset (Scott's bandwidth);
+- ``kde_loo``: the kernel density at the kernel family's own isotropic optimum (the width of one
+  shared isotropic kernel minimising the leave-one-out objective, where ``model=kernel_wpo`` starts),
+  sampled exactly: the member of its family that every fitted kernel model has to beat.
+
+Every ``kernel_wpo`` run is scored twice: with its experiment's sampler (DDIM) and with
+``sampler=exact`` (its mixture drawn directly), the second as the row ``kernel_wpo_exact``. The
+objective columns are the family's leave-one-out objective on held-out points (``val/loss``): where
+the run starts (the isotropic optimum) and where it ends.
 
 Cells already done are reused, so the script can be stopped and restarted; ``--jobs 2`` runs two
 trainings at once with one thread each; ``--reevaluate`` scores finished runs again through ``ld-eval``
@@ -52,13 +60,15 @@ EXPERIMENTS = {
         "ddpm": ["experiment=digits_ddpm"],
         "score_sde": ["experiment=digits_score_sde"],
         "kernel_wpo": ["experiment=digits_kernel_wpo"],
+        "kernel_wpo_fit0.2": ["experiment=digits_kernel_wpo", "model.fit_sigma=0.2"],
     },
 }
-ADVERSARIES = ("copies", "noisy_copies", "kde")
+ADVERSARIES = ("copies", "noisy_copies", "kde", "kde_loo")
 NOISE = {"moons": 0.1, "digits": 0.2}
 SPACE = {"moons": "raw", "digits": "digits_cnn"}
 EVALUATION_SEED = 12345  # conf/callback/evaluation.yaml
-COLUMNS = ("quality", "floor", "copying_ct", "nn1_ratio", "precision", "recall", "memorized")
+FIT_SIGMA = {"moons": 0.01, "digits": 0.1}  # model.fit_sigma of each data set's kernel experiment
+COLUMNS = ("quality", "floor", "copying_ct", "nn1_ratio", "precision", "recall", "memorized", "val_objective")
 
 
 def train_seconds(ckpt: Path) -> float:
@@ -82,11 +92,11 @@ def summary(data: str, metrics: dict) -> dict:
     }
 
 
-def reevaluate(run_dir: Path, num_samples: int) -> dict:
+def reevaluate(run_dir: Path, num_samples: int, sampler: str | None = None) -> dict:
     """``ld-eval`` of the run's last checkpoint with the evaluation's own samples (sample seed and
-    sampler as in training), cached in ``metrics_eval.json``: metrics added or fixed after the run
-    trained, without training again."""
-    out = run_dir / "metrics_eval.json"
+    sampler as in training, or ``sampler``), cached in ``metrics_eval[_<sampler>].json``: metrics
+    added or fixed after the run trained, or another sampler, without training again."""
+    out = run_dir / (f"metrics_eval_{sampler}.json" if sampler else "metrics_eval.json")
     if not out.is_file():
         cmd = [
             sys.executable,
@@ -95,6 +105,7 @@ def reevaluate(run_dir: Path, num_samples: int) -> dict:
             f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
             f"num_samples={num_samples}",
             f"out={out}",
+            *([f"sampler={sampler}"] if sampler else []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -128,7 +139,24 @@ def run_cell(data: str, family: str, size: str, seed: int, root: Path, again: bo
     row = {"family": family, "size": size, "seed": seed, "steps": metrics.get("step")}
     row["train_s"] = train_seconds(run_dir / "checkpoints" / "last.ckpt")
     row.update(summary(data, metrics))
-    return row
+    row["val_objective"] = last_val_loss(run_dir) if family == "kernel_wpo" else math.nan
+    rows = [row]
+    if family.startswith("kernel_wpo"):
+        exact = {**metrics, **reevaluate(run_dir, int(metrics["num_samples"]), sampler="exact")}
+        rows.append({**row, "family": f"{family}_exact", **summary(data, exact)})
+    return rows
+
+
+def last_val_loss(run_dir: Path) -> float:
+    """The held-out objective of the weights the run ended on (the CSV logger's ``metrics.csv``):
+    ``val/loss_best`` when BestWeights restored the best validation, else the last ``val/loss``."""
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    best = [r["val/loss_best"] for r in rows if r.get("val/loss_best")]
+    values = best or [r["val/loss"] for r in rows if r.get("val/loss")]
+    return float(values[-1]) if values else math.nan
 
 
 def datamodule(data: str, size: str, seed: int):
@@ -147,7 +175,8 @@ def datamodule(data: str, size: str, seed: int):
 
 def adversary_cell(data: str, name: str, size: str, seed: int, num_samples: int) -> dict:
     """An adversary's samples from the training subset, scored like a family's."""
-    from lightning_diff.diffusion.kernel_score import scott_bandwidth
+    from lightning_diff.diffusion.kernel_bandwidth import isotropic_objective, isotropic_optimum
+    from lightning_diff.diffusion.kernel_score import KernelScore, scott_bandwidth
     from lightning_diff.metrics.pipeline import evaluate_samples
 
     dm = datamodule(data, size, seed)
@@ -158,13 +187,26 @@ def adversary_cell(data: str, name: str, size: str, seed: int, num_samples: int)
         samples = picks
     elif name == "noisy_copies":
         samples = picks + NOISE[data] * torch.randn(picks.shape, generator=gen)
-    else:
+    elif name == "kde":
         bandwidth = float(scott_bandwidth(train.reshape(len(train), -1).double()))
         samples = picks + bandwidth * torch.randn(picks.shape, generator=gen)
+    flat = train.reshape(len(train), -1).double()
+    objective = math.nan
+    if name == "kde_loo":  # where model=kernel_wpo starts, with its fit_sigma and data range
+        width, _ = isotropic_optimum(flat, flat, sigma=FIT_SIGMA[data])
+        kernel = KernelScore(flat, "isotropic", bandwidth=width, tied=True)
+        samples = (
+            kernel.sample_exact((num_samples, flat.shape[1]), gen)
+            .float()
+            .reshape(num_samples, *train.shape[1:])
+        )
+        samples = samples.clamp(-1, 1) if data == "digits" else samples
+        objective = isotropic_objective(flat, dm.val_tensor(), width, FIT_SIGMA[data])
     # The training callback's metric seed, so the adversaries' held-out draws and floors are the runs'.
     values, _ = evaluate_samples(samples, dm, seed=EVALUATION_SEED)
     row = {"family": name, "size": size, "seed": seed, "steps": 0, "train_s": 0.0}
     row.update(summary(data, values))
+    row["val_objective"] = objective
     return row
 
 
@@ -183,9 +225,9 @@ def table(data: str, rows: list[dict]) -> str:
     metric = f"fd_{SPACE[data]}_vs_heldout"
     header = (
         f"| family | num_train | seeds | training time (s) | {metric} | floor | C_T | NN1 ratio to held-out "
-        "| precision | recall | memorized |"
+        "| precision | recall | memorized | held-out objective |"
     )
-    lines = [header, "| " + " | ".join(["---"] * 11) + " |"]
+    lines = [header, "| " + " | ".join(["---"] * 12) + " |"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["size"], r["family"]), []).append(r)
@@ -213,7 +255,11 @@ def main() -> None:
     args = parser.parse_args()
     cells = [(f, s, k) for s in args.sizes for f in args.families for k in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(lambda c: run_cell(args.data, *c, args.root, args.reevaluate), cells))
+        rows = [
+            r
+            for rs in pool.map(lambda c: run_cell(args.data, *c, args.root, args.reevaluate), cells)
+            for r in rs
+        ]
     num_samples = 2000 if args.data == "moons" else 500
     rows += [
         adversary_cell(args.data, name, size, seed, num_samples)
@@ -229,7 +275,35 @@ def main() -> None:
     rows.sort(key=lambda r: (int(r["size"]) if r["size"] != "full" else 10**9, r["family"]))
     out = table(args.data, rows)
     (out_dir / "table.md").write_text(out + "\n")
+    for size in args.sizes:
+        frontier([r for r in rows if r["size"] == size], out_dir / f"frontier_{size}.png", args.data, size)
     print(out)
+
+
+def frontier(rows: list[dict], path: Path, data: str, size: str) -> None:
+    """Held-out FD against C_T, one point per row (mean +- standard deviation over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family in sorted({r["family"] for r in rows}):
+        cell = [r for r in rows if r["family"] == family]
+        x = np.array([r["copying_ct"] for r in cell], dtype=float)
+        y = np.array([r["quality"] for r in cell], dtype=float)
+        sd = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+        ax.errorbar(x.mean(), y.mean(), xerr=sd(x), yerr=sd(y), marker="o", capsize=3, label=family)
+    floor = np.mean([r["floor"] for r in rows])
+    ax.axhline(floor, color="grey", ls=":", lw=1, label="floor")
+    ax.axvline(-3, color="red", ls="--", lw=1, label="C_T = -3 (copying)")
+    ax.set_xlabel("data-copying statistic C_T (negative: closer to the training set)")
+    ax.set_ylabel(f"fd_{SPACE[data]}_vs_heldout")
+    ax.set_title(f"{data}, {size} training points, mean +- sd over seeds")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

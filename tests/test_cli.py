@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose_named, compose_train
+from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from lightning_diff.checkpoints import load_model
@@ -189,3 +190,20 @@ def test_eval_logs_to_an_offline_wandb_run(ckpt, tmp_path):
     evaluate(compose_named("eval", overrides))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_sample_exact_draws_a_closed_form_model_and_refuses_a_network(ckpt, tmp_path):
+    # model=gaussian on the digits: sampler=exact draws N(mean, cov) of the training set itself.
+    run_dir = tmp_path / "gauss"
+    train(compose_train(["data=digits", "model=gaussian", "trainer.max_steps=1"], run_dir))
+    out = tmp_path / "e.npy"
+    overrides = [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=4000", f"out={out}"]
+    array = sample(compose_named("sample", [*overrides, "sampler=exact", "num_steps=7"]))
+    datamodule = instantiate(compose_train(["data=digits"], tmp_path / "d").data)
+    datamodule.setup("fit")
+    data = datamodule.train_tensor().reshape(-1, 64).double()
+    flat = torch.from_numpy(array).reshape(-1, 64).double()
+    assert (flat.mean(0) - data.mean(0)).abs().max() < 0.05  # standard error about 0.01 per pixel
+    assert (torch.cov(flat.T) - torch.cov(data.T)).abs().max() < 0.06
+    with pytest.raises(ConfigError, match="sampler=exact needs"):
+        sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=2", f"out={out}", "sampler=exact"]))

@@ -9,7 +9,11 @@ import torch
 from kernel_fitting import fit_precisions
 
 from lightning_diff.diffusion.closed_form import EmpiricalDenoiser
+from lightning_diff.diffusion.kernel_bandwidth import isotropic_objective, isotropic_optimum
 from lightning_diff.diffusion.kernel_score import KernelScore, loo_objective, scott_bandwidth
+from lightning_diff.errors import ConfigError
+from lightning_diff.models.kernel_wpo import KernelWPO
+from lightning_diff.nets.precision import PrecisionField
 
 PRECS = ["isotropic", "diagonal", "lowrank", "tangent"]  # tangent: low-rank covariance factors
 
@@ -149,3 +153,37 @@ def test_fit_without_loo_collapses_onto_training_points():
 def test_bad_precision_name_raises():
     with pytest.raises(ValueError):
         KernelScore(torch.randn(4, 2), "full")
+
+
+def test_isotropic_optimum_is_the_minimum_of_a_dense_grid():
+    # The 1-D search (coarse grid + golden section) against brute force over 400 widths.
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(120, 3, generator=gen, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.5, 0.2], dtype=torch.float64
+    )
+    h, value = isotropic_optimum(y, y, sigma=0.01)
+    widths = torch.logspace(-2.5, 0.5, 400, dtype=torch.float64).tolist()
+    values = [isotropic_objective(y, y, w, 0.01) for w in widths]
+    best = min(range(400), key=values.__getitem__)
+    assert widths[best - 1] <= h <= widths[best + 1]
+    assert value <= values[best] + 1e-9
+    assert value == pytest.approx(isotropic_objective(y, y, h, 0.01))
+
+
+def test_kernel_model_starts_at_the_isotropic_optimum():
+    gen = torch.Generator().manual_seed(1)
+    train = torch.randn(200, 2, generator=gen) * torch.tensor([1.0, 0.3])
+    model = KernelWPO(PrecisionField((2,), form="full"))  # bandwidth=loo, the default
+    model.fit_data(train)
+    h, value = isotropic_optimum(train.double(), train.double(), sigma=model.fit_sigma)
+    assert model.initial_bandwidth.item() == pytest.approx(h)
+    assert model.initial_objective.item() == pytest.approx(value)
+    with torch.no_grad():  # the precision field starts there: P = I / h^2 at every centre
+        prec = model.net.precision_matrices(model.centers.float())
+    torch.testing.assert_close(prec, torch.eye(2).expand_as(prec) / h**2, rtol=1e-3, atol=1e-3)
+    assert model.loss(train).mean().item() == pytest.approx(value, rel=1e-3)  # the same objective
+    scott = KernelWPO(PrecisionField((2,), form="full"), bandwidth="scott")
+    scott.fit_data(train)
+    assert scott.initial_objective.item() > value  # Scott's width is not the optimum here
+    with pytest.raises(ConfigError, match="model.bandwidth"):
+        KernelWPO(PrecisionField((2,)), bandwidth="silverman")

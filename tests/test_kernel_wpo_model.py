@@ -62,10 +62,12 @@ def test_field_builds_the_stated_precision(form, amortized):
     prec = field.precision_matrices(y)
     assert prec.shape == (5, 3, 3)
     torch.testing.assert_close(prec, prec.mT, atol=1e-4, rtol=1e-4)  # tangent: a float32 inverse
-    if form == "tangent":  # P^{-1} = diag(1 / (floor + exp(a))) + W W^T: the floor caps the diagonal
+    if form == "tangent":  # P^{-1} = diag(1 / (2 floor + exp(a))) + W W^T, with |W|_F^2 < 1 / (2 floor)
         cov = torch.diag_embed((-log_diag).exp()) + factors @ factors.mT
         torch.testing.assert_close(prec @ cov, torch.eye(3).expand(5, 3, 3), atol=1e-3, rtol=0)
-        assert (log_diag.exp() >= 0.05 - 1e-6).all()
+        assert (log_diag.exp() >= 0.1 - 1e-6).all()
+        assert (factors.square().sum((1, 2)) < 10).all()
+        assert torch.linalg.eigvalsh(prec).min() >= 0.05 - 1e-6
     else:
         assert torch.linalg.eigvalsh(prec).min() >= 0.05 - 1e-6  # the floor bounds every direction
     if form == "full":
@@ -75,6 +77,31 @@ def test_field_builds_the_stated_precision(form, amortized):
         torch.testing.assert_close(prec, log_diag.exp()[:, :, None] * torch.eye(3))
     if not amortized:  # one shared precision
         torch.testing.assert_close(prec, prec[:1].expand_as(prec))
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("scale", [0.0, 10.0])
+def test_every_form_keeps_every_kernel_within_the_variance_cap(form, scale):
+    # model.max_variance bounds the largest covariance eigenvalue of every kernel the model samples
+    # from, whatever the network outputs (scale 10: far beyond anything a fit reaches).
+    torch.manual_seed(0)
+    train = torch.randn(40, 3, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.2], dtype=torch.float64)
+    field = PrecisionField((3,), form=form, rank=2, floor=1e-4).double()
+    model = KernelWPO(field, max_variance=0.5, bandwidth=0.3)
+    model.fit_data(train)
+    with torch.no_grad():  # random network weights, and outputs moved by up to a few times `scale`
+        for p in field.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        field.body[-1].bias.add_(scale * torch.randn_like(field.body[-1].bias))
+    kernel = model.kernel(field)
+    if kernel.covariance_factors:
+        top = torch.linalg.eigvalsh(kernel.covariances()).max().item()
+    else:  # precisions of up to exp(30): covariance is 1 / their smallest eigenvalue
+        top = 1 / torch.linalg.eigvalsh(kernel.precision_matrices()).min().item()
+    assert top <= 0.5 * (1 + 1e-9)
+    if form == "tangent" and scale > 0:  # the unshrunk factors alone would be far wider than the cap
+        raw = field.body((model.centers - field.shift) / field.scale)[:, field.diag_width :]
+        assert raw.square().sum(1).max() > 50 and top > 0.4
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -159,6 +186,7 @@ def test_fitted_model_matches_a_gaussian_score_and_moments():
     # sigma = 0.5 and 8% at sigma = 1. The kernels add their width to sigma^2 (a small bias), so the
     # fitted model must stay under 30% / 15% and within 1.6 times the empirical error; its samples
     # must have the data's moments within sampling error plus that widening.
+    torch.manual_seed(0)  # the field's initial weights
     gen = torch.Generator().manual_seed(0)
     mu = torch.tensor([1.0, -0.5])
     chol = torch.tensor([[1.0, 0.0], [0.6, 0.5]])
@@ -174,9 +202,9 @@ def test_fitted_model_matches_a_gaussian_score_and_moments():
 
     for sigma, bound in ((0.5, 0.3), (1.0, 0.15)):
         cov = sigma_data + sigma**2 * torch.eye(2)
-        x = mu + torch.randn(300, 2, generator=gen) @ torch.linalg.cholesky(cov).T
+        x = mu + torch.randn(2000, 2, generator=gen) @ torch.linalg.cholesky(cov).T
         exact = -(x - mu) @ torch.linalg.inv(cov).T
-        s = torch.full((300,), sigma, dtype=torch.float64)
+        s = torch.full((2000,), sigma, dtype=torch.float64)
         with torch.no_grad():
             got = model.denoiser(False).score(x, sigma)
             emp = ((empirical(x.double(), s) - x.double()) / sigma**2).float()

@@ -12,7 +12,7 @@ import torch
 from conftest import compose_train
 from torch import Tensor
 
-from lightning_diff.callbacks.gaussian_deviation import default_sigmas
+from lightning_diff.callbacks.gaussian_deviation import default_sigmas, log_spaced_steps
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.metrics.score_deviation import ScoreDeviation
@@ -84,9 +84,31 @@ def test_ev_matches_closed_form_for_gaussian_data_and_gaussian_model():
         err = (var * (1 / (b + s**2) - 1 / var) ** 2).sum()
         model_norm = (var / (b + s**2) ** 2).sum()
         ref_norm = (1 / var).sum()
-        assert out["deviation"][j].item() == pytest.approx(float(err / model_norm), rel=0.03)
+        assert out["pooled_deviation"][j].item() == pytest.approx(float(err / model_norm), rel=0.03)
         assert out["ev"][j].item() == pytest.approx(1 - out["deviation"][j].item())
         assert out["relative_error"][j].item() == pytest.approx(float(err / ref_norm), rel=0.03)
+    # The paper's per-sample mean, from the closed-form scores on the metric's own noise draws
+    # (one torch.randn per sigma, in grid order, from the generator it was handed).
+    gen = torch.Generator().manual_seed(1)
+    for j, s in enumerate(sigmas):
+        x = (x0 + s * torch.randn(x0.shape, generator=gen)).double()
+        s_model, s_true = -x / (b + s**2), -x / (a + s**2)
+        ratio = ((s_model - s_true) ** 2).sum(1) / (s_model**2).sum(1)
+        assert out["deviation"][j].item() == pytest.approx(ratio.mean().item(), rel=1e-6)
+
+
+def test_per_sample_deviation_of_isotropic_gaussians_is_the_closed_form():
+    # Data N(0, a I), model N(0, b I): every sample's ratio is (1 - (b + s^2) / (a + s^2))^2 exactly,
+    # while the pooled ratio of sums is the same number; a mixture of scales separates the two.
+    a, b, sigmas = 0.4, 1.5, [0.1, 1.0, 4.0]
+    x0 = torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) * a**0.5
+    metric = ScoreDeviation(sigmas, {"true": GaussianDenoiser(torch.zeros(3), a * torch.eye(3))})
+    metric.update(GaussianDenoiser(torch.zeros(3), b * torch.eye(3)), x0, torch.Generator().manual_seed(2))
+    out = metric.compute()["true"]
+    for j, s in enumerate(sigmas):
+        expected = (1 - (b + s**2) / (a + s**2)) ** 2
+        assert out["deviation"][j].item() == pytest.approx(expected, rel=1e-5)
+        assert out["pooled_deviation"][j].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_value_does_not_depend_on_how_rows_are_split():
@@ -105,7 +127,7 @@ def test_value_does_not_depend_on_how_rows_are_split():
     first.merge_state(second)
     expected, merged = whole.compute(), first.compute()
     for name in refs:
-        for key in ("ev", "deviation", "relative_error"):
+        for key in ("ev", "deviation", "pooled_deviation", "relative_error"):
             torch.testing.assert_close(merged[name][key], expected[name][key], rtol=1e-9, atol=1e-12)
 
 
@@ -118,6 +140,35 @@ def test_default_sigmas_follow_the_schedule_range():
     assert default_sigmas()[-1] == pytest.approx(80.0)
 
 
+def test_log_spaced_steps_cover_training():
+    assert log_spaced_steps(6, 800) == [8, 20, 50, 127, 318, 800]  # 8 x 10^(2k/5), rounded
+    assert log_spaced_steps(8, 5) == [1, 2, 3, 4, 5]  # fewer when rounding makes neighbours equal
+    assert log_spaced_steps(3, 1000, first=10) == [10, 100, 1000]
+
+
+@pytest.mark.parametrize("points", ["train", "heldout"])
+def test_callback_on_the_gaussian_model_has_zero_deviation_from_the_gaussian(tmp_path, points):
+    # model=gaussian is the training set's Gaussian, the callback's "gaussian" reference: deviation 0
+    # on either set of points, while the empirical score differs at low noise.
+    from lightning_diff.cli.train import train
+
+    overrides = [
+        "data=moons",
+        "model=gaussian",
+        "trainer.max_steps=1",
+        "callbacks=with_deviation",
+        f"callbacks.score_deviation.points={points}",
+        "callbacks.score_deviation.num_samples=32",
+        "callbacks.score_deviation.sigmas=[0.05,0.5,5.0]",
+        "callbacks.score_deviation.references=[gaussian,empirical]",
+    ]
+    metrics, _ = train(compose_train(overrides, tmp_path / "run"))
+    for prefix in ("deviation", "deviation_pooled"):
+        for s in ("0.05", "0.5", "5"):
+            assert metrics[f"{prefix}/gaussian/sigma_{s}"] < 1e-10
+        assert metrics[f"{prefix}/empirical/sigma_0.05"] > 0.5
+
+
 def test_callback_writes_scalars_and_plot(tmp_path):
     from lightning_diff.cli.train import train
 
@@ -126,7 +177,7 @@ def test_callback_writes_scalars_and_plot(tmp_path):
         "data=moons",
         "trainer.max_steps=4",
         "callbacks=with_deviation",
-        "callbacks.score_deviation.every_n_steps=2",
+        "callbacks.score_deviation.log_spaced=2",
         "callbacks.score_deviation.num_samples=16",
         "callbacks.score_deviation.sigmas=[0.05,0.5,5.0]",
         "callbacks.score_deviation.references=[gaussian]",
@@ -138,9 +189,9 @@ def test_callback_writes_scalars_and_plot(tmp_path):
         assert math.isfinite(saved[key]) and saved[key] >= 0, key
         assert metrics[key] == pytest.approx(saved[key])
     plots = sorted(p.name for p in (run_dir / "eval").glob("score_deviation_*.png"))
-    assert plots == ["score_deviation_step_0000002.png", "score_deviation_step_0000004.png"]
+    assert plots == ["score_deviation_step_0000001.png", "score_deviation_step_0000004.png"]
     callback = next(c for c in objects["trainer"].callbacks if hasattr(c, "history"))
-    assert [step for step, _ in callback.history] == [2, 4]
+    assert [step for step, _ in callback.history] == [1, 4]  # log_spaced=2 over 4 steps
 
 
 def test_references_fall_back_to_the_gaussian_when_analytic_is_missing(monkeypatch, caplog):

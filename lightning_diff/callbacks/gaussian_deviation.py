@@ -30,6 +30,9 @@ from lightning_diff.metrics.score_deviation import ScoreDeviation
 log = logging.getLogger(__name__)
 
 REFERENCES = ("gaussian", "gmm", "empirical")
+POINTS = ("train", "heldout")
+AVERAGES = ("per_sample", "pooled")
+KEYS = {"per_sample": "deviation", "pooled": "pooled_deviation"}
 
 
 def default_sigmas(schedule=None, num: int = 16, low: float = 0.01, high: float = 80.0) -> list[float]:
@@ -68,11 +71,23 @@ def build_references(
     return refs
 
 
+def log_spaced_steps(num: int, max_steps: int, first: int | None = None) -> list[int]:
+    """``num`` optimiser steps spaced evenly in log from ``first`` (default ``max_steps / 100``, at
+    least 1) to ``max_steps``, rounded; fewer when rounding makes neighbours equal."""
+    if num < 1 or max_steps < 1:
+        raise ConfigError(f"log-spaced steps need num >= 1 and max_steps >= 1, got {num} and {max_steps}")
+    first = max(1, first if first is not None else max_steps // 100)
+    return sorted({int(round(s)) for s in np.geomspace(min(first, max_steps), max_steps, num)})
+
+
 class GaussianScoreDeviation(PeriodicCallback):
-    """Every ``every_n_steps`` optimiser steps and at the end of training, the deviation
-    ``1 - EV(sigma)`` of the model's score from each reference score (see
-    :mod:`lightning_diff.metrics.score_deviation`) on ``num_samples`` held-out rows drawn at random
-    once (the training rows when nothing is held out).
+    """Every ``every_n_steps`` optimiser steps (or at ``log_spaced`` steps spaced evenly in log over
+    training) and at the end of training, the deviation ``1 - EV(sigma)`` of the model's score from
+    each reference score (see :mod:`lightning_diff.metrics.score_deviation`) on ``num_samples`` rows
+    drawn at random once: of the training set (``points="train"``, the default and the paper's
+    protocol) or of the held-out split (``points="heldout"``; the training rows when nothing is held
+    out). ``average`` picks what is published as the deviation and plotted: ``per_sample`` (the
+    paper's mean of per-sample ratios, the default) or ``pooled`` (a ratio of sums).
 
     ``sigmas`` defaults to 16 log-spaced levels from 0.01 to 80, narrowed to the model's schedule
     range. The model is its own (EMA by default) denoiser without the sampling-time clamp, which
@@ -81,9 +96,10 @@ class GaussianScoreDeviation(PeriodicCallback):
     updates and computes, rank 0 alone writes files.
 
     Published scalars: ``deviation/<reference>/sigma_<sigma:.3g>`` and ``deviation/<reference>/mean``
-    (the mean over the grid). Rank 0 saves ``score_deviation_step_XXXXXXX.png`` in ``plot_dir``:
-    deviation against sigma on log-log axes for every reference at this step, and beside it the
-    Gaussian deviation (or the first reference's) at every step measured so far, coloured by step.
+    (the mean over the grid), and the other average under ``deviation_<other>/...``. Rank 0 saves
+    ``score_deviation_step_XXXXXXX.png`` in ``plot_dir``: deviation against sigma on log-log axes
+    for every reference at this step, and beside it the Gaussian deviation (or the first
+    reference's) at every step measured so far, coloured by step.
     """
 
     def __init__(
@@ -98,8 +114,19 @@ class GaussianScoreDeviation(PeriodicCallback):
         plot_dir: str | Path | None = None,
         use_ema: bool = True,
         batch_size: int = 256,
+        points: str = "train",
+        average: str = "per_sample",
+        log_spaced: int = 0,
     ):
         super().__init__(every_n_steps)
+        if points not in POINTS:
+            raise ConfigError(f"callbacks.score_deviation.points={points!r}: use one of {', '.join(POINTS)}")
+        if average not in AVERAGES:
+            raise ConfigError(
+                f"callbacks.score_deviation.average={average!r}: use one of {', '.join(AVERAGES)}"
+            )
+        self.points, self.average, self.log_spaced = points, average, int(log_spaced)
+        self._steps: set[int] | None = None
         self.metrics_path = Path(metrics_path)
         self.num_samples = num_samples
         self.sigmas = [float(s) for s in sigmas] if sigmas is not None else None
@@ -122,9 +149,19 @@ class GaussianScoreDeviation(PeriodicCallback):
         self._metric.reset()
         return self._metric
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.log_spaced <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._steps is None:
+            self._steps = set(log_spaced_steps(self.log_spaced, trainer.max_steps))
+        if trainer.global_step in self._steps:
+            self._run_once(trainer, pl_module)
+
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         metric = self.metric(trainer, pl_module)
-        data = trainer.datamodule.val_tensor()
+        data = (
+            trainer.datamodule.val_tensor() if self.points == "heldout" else trainer.datamodule.train_tensor()
+        )
         if len(data) == 0:
             data = trainer.datamodule.train_tensor()
         data = random_rows(data, self.num_samples)
@@ -141,13 +178,16 @@ class GaussianScoreDeviation(PeriodicCallback):
             denoiser.train(was_training)
         result = metric.compute()
         named = {}
-        for ref, values in result.items():
-            for sigma, value in zip(metric.sigmas, values["deviation"].tolist(), strict=True):
-                named[f"deviation/{ref}/sigma_{sigma:.3g}"] = value
-            named[f"deviation/{ref}/mean"] = float(values["deviation"].mean())
+        other = next(a for a in AVERAGES if a != self.average)
+        for prefix, key in (("deviation", KEYS[self.average]), (f"deviation_{other}", KEYS[other])):
+            for ref, values in result.items():
+                for sigma, value in zip(metric.sigmas, values[key].tolist(), strict=True):
+                    named[f"{prefix}/{ref}/sigma_{sigma:.3g}"] = value
+                named[f"{prefix}/{ref}/mean"] = float(values[key].mean())
         publish_metrics(trainer, named, self.metrics_path)
         step = trainer.global_step
-        self.history.append((step, {k: v["deviation"].cpu().numpy() for k, v in result.items()}))
+        chosen = KEYS[self.average]
+        self.history.append((step, {k: v[chosen].cpu().numpy() for k, v in result.items()}))
         if trainer.is_global_zero:
             path = self.plot(self.plot_dir / f"score_deviation_step_{step:07d}.png")
             log_image(trainer, "eval/score_deviation", path)
@@ -168,7 +208,8 @@ class GaussianScoreDeviation(PeriodicCallback):
         fig, (now, over) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=100, sharey=True)
         for name, dev in latest.items():
             now.plot(sigmas, np.maximum(dev, tiny), marker="o", ms=3, label=name)
-        now.set_title(f"step {step}")
+        where = "training" if self.points == "train" else "held-out"
+        now.set_title(f"step {step}: {self.average.replace('_', '-')} mean over {where} points")
         now.legend()
         cmap = plt.get_cmap("viridis")
         for k, (past_step, devs) in enumerate(self.history):

@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lightning_diff.callbacks.best_weights import BestWeights
 from lightning_diff.callbacks.preemption import PreemptionCheckpoint
 from lightning_diff.checkpoints import AtomicCheckpointIO, build_family_net, find_last, read_checkpoint
 from lightning_diff.cli import CONF_DIR, one_line_errors
@@ -121,6 +122,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     fill_wandb_labels(cfg)
     loggers = instantiate_dict(cfg.get("logger"))
     callbacks = instantiate_dict(cfg.get("callbacks"))
+    # Weights restored at the end of training must be in place before anything samples from them.
+    callbacks.sort(key=lambda c: not isinstance(c, BestWeights))
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
     )

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
+from lightning_diff.diffusion.random import normal_rows, pick_components
 from lightning_diff.diffusion.utils import as_sigma_batch
 
 
@@ -151,6 +152,18 @@ class GaussianMixtureDenoiser(Denoiser):
             weights.append(float(len(members)))
         return cls(torch.stack(means), torch.stack(covs), torch.tensor(weights))
 
+    @torch.no_grad()
+    def sample_exact(self, shape: tuple[int, ...], generator=None, device=None) -> Tensor:
+        """Draws of the mixture itself (``sampler=exact``): a component by its weight, then its Gaussian."""
+        num, dim = self.means.shape
+        z = normal_rows(shape[0], dim + 1, generator, self.means.device)
+        idx = pick_components(z[:, 0], self.log_weights, num)
+        x = self.means[idx].clone()
+        for k in idx.unique().tolist():  # one component at a time: never (B, d, d) at once
+            rows = idx == k
+            x[rows] += (z[rows, 1:] * self.eigvals[k].sqrt()) @ self.eigvecs[k].T
+        return x.reshape(shape).to(device or self.means.device)
+
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = as_sigma_batch(sigma, x).to(torch.float64)
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
@@ -181,6 +194,14 @@ class EmpiricalDenoiser(Denoiser):
         self.register_buffer("points", flat)
         self.register_buffer("sq_norms", (flat**2).sum(1))
         self.chunk_size = int(chunk_size)
+
+    @torch.no_grad()
+    def sample_exact(self, shape: tuple[int, ...], generator=None, device=None) -> Tensor:
+        """Training points drawn uniformly with replacement: the distribution this score is exact for
+        (a copy machine; ``sampler=exact``)."""
+        z = normal_rows(shape[0], 1, generator, self.points.device)
+        idx = pick_components(z[:, 0], None, self.points.shape[0])
+        return self.points[idx].reshape(shape).to(device or self.points.device)
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = as_sigma_batch(sigma, x).to(torch.float64)[:, None]

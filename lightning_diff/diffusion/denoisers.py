@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diff.diffusion.objectives import Preconditioning, sde_noise_conditioning
+from lightning_diff.diffusion.random import normal_rows
 from lightning_diff.diffusion.schedules import DiscreteSchedule
 from lightning_diff.diffusion.sdes import SDE
 from lightning_diff.diffusion.utils import append_dims, as_sigma_batch
@@ -162,6 +163,13 @@ class GaussianDenoiser(Denoiser):
         mean = flat.mean(0)
         centred = flat - mean
         return cls(mean, centred.T @ centred / flat.shape[0])
+
+    @torch.no_grad()
+    def sample_exact(self, shape: tuple[int, ...], generator=None, device=None) -> Tensor:
+        """Draws of ``N(mu, Sigma)`` itself: ``mu + U diag(sqrt(lambda)) z`` (``sampler=exact``)."""
+        z = normal_rows(shape[0], self.mean.numel() + 1, generator, self.mean.device)[:, 1:]
+        x = self.mean + (z * self.eigvals.sqrt()) @ self.eigvecs.T
+        return x.reshape(shape).to(device or self.mean.device)
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         sigma = as_sigma_batch(sigma, x).to(torch.float64)

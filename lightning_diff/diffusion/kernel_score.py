@@ -28,6 +28,9 @@ As every ``p_i -> inf`` the score tends to the empirical (memorizing) score of t
 scored by the mixture of the *other* points (leave-one-out) so that the self-centre optimum
 (``p_i -> inf``, which sends the objective to minus infinity) is not available; the family's
 LightningModule (``models/kernel_wpo.py``) minimises it.
+
+Over 400 lines: one class, whose chunked matrix-product sums and nearest-neighbour sums share the
+component algebra of ``_components`` and the running log-sum-exp of ``_accumulate``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.random import normal_rows, pick_components
 from lightning_diff.diffusion.utils import append_dims, as_sigma_batch
 
 PRECISIONS = ("isotropic", "diagonal", "lowrank")
@@ -368,6 +372,32 @@ class KernelScore(Denoiser):
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         s = append_dims(as_sigma_batch(sigma, x), x.ndim)
         return x + s**2 * self.score(x, sigma)
+
+    @torch.no_grad()
+    def sample_exact(self, shape: tuple[int, ...], generator=None, device=None) -> Tensor:
+        """Draws of the data-time mixture ``(1/N) sum_i N(y_i, C_i)``: a centre, then its Gaussian.
+
+        With precision factors (``P = D + U U^T``), ``x = y + P^{-1} (D^{1/2} z_1 + U z_2)`` has
+        covariance ``P^{-1} P P^{-1} = C`` and ``P^{-1}`` is applied by Woodbury (an ``r x r`` solve);
+        with covariance factors (``C = D^{-1} + W W^T``), ``x = y + D^{-1/2} z_1 + W z_2``.
+        """
+        n, d = shape[0], self.dim
+        r = 0 if self.factors is None else self.rank
+        z = normal_rows(n, 1 + d + r, generator, self.points.device).to(self.points.dtype)
+        idx = pick_components(z[:, 0], None, self.num_points)
+        y, p = self.points[idx], self._log_prec(idx).exp()
+        z1, z2 = z[:, 1 : 1 + d], z[:, 1 + d :, None]
+        if self.factors is None:
+            x = y + z1 / p.sqrt()
+        elif self.covariance_factors:
+            x = y + z1 / p.sqrt() + (self.factors[idx] @ z2).squeeze(-1)
+        else:
+            u = self.factors[idx]
+            v = (p.sqrt() * z1 + (u @ z2).squeeze(-1)) / p  # D^{-1} (D^{1/2} z_1 + U z_2)
+            w = u / p[..., None]  # D^{-1} U
+            k = torch.eye(r, dtype=u.dtype, device=u.device) + u.mT @ w
+            x = y + v - (w @ torch.linalg.solve(k, u.mT @ v[..., None])).squeeze(-1)
+        return x.reshape(shape).to(device or self.points.device)
 
     def score_and_divergence(
         self, x: Tensor, sigma: float = 0.0, exclude: Tensor | None = None, exclude_self: bool = False

@@ -102,3 +102,20 @@ def randint(
     if isinstance(generator, ShardedGenerator):
         return generator.draw(lambda s, **kw: torch.randint(0, high, s, **kw), shape).to(device)
     return torch.randint(0, high, tuple(shape), generator=generator, device=device)
+
+
+def normal_rows(
+    num: int, width: int, generator: torch.Generator | SampleGenerators | None, device=None
+) -> Tensor:
+    """(num, width) standard normals in float64, one row per sample."""
+    return randn((num, width), generator, device=device, dtype=torch.float32).to(torch.float64)
+
+
+def pick_components(z: Tensor, log_weights: Tensor | None, num: int) -> Tensor:
+    """Component indices from standard normals ``z`` (B,): the inverse CDF of the weights at
+    ``Phi(z)``, uniform over ``num`` components when ``log_weights`` is None."""
+    u = torch.special.ndtr(z)
+    if log_weights is None:
+        return (u * num).long().clamp_(0, num - 1)
+    cdf = torch.cumsum(log_weights.exp(), 0)
+    return torch.searchsorted(cdf / cdf[-1], u.to(cdf)).clamp_(0, num - 1)

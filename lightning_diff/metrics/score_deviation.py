@@ -2,15 +2,15 @@
 
 Wang & Vastola 2024 (arXiv 2412.09726) find that at moderate and high noise a trained diffusion
 model's score is almost the score of the Gaussian fitted to the training set, and that this part is
-learned early. Following the authors' analysis code we measure, for held-out ``x0`` and
-``x = x0 + sigma n``, the explained fraction
+learned early. For points ``x0`` (the paper uses the training points) and ``x = x0 + sigma n`` we
+measure the explained fraction as the authors do, per sample and then averaged,
 
-    ``ev(sigma) = 1 - E||s_theta(x, sigma) - s_ref(x, sigma)||^2 / E||s_theta(x, sigma)||^2``
+    ``ev(sigma) = 1 - E[ ||s_theta(x, sigma) - s_ref(x, sigma)||^2 / ||s_theta(x, sigma)||^2 ]``,
 
-and the ``deviation = 1 - ev``: the squared error normalised by the *model's* score norm (the EV
-normalisation, the paper's). We also report ``relative_error = E||s_theta - s_ref||^2 /
-E||s_ref||^2``, the same error normalised by the *reference's* norm instead; the two agree when the
-model is close to the reference and differ when, say, the model's score is much larger.
+and ``deviation = 1 - ev``: the squared error normalised by the *model's* score norm. Beside it,
+``pooled_deviation = E||s_theta - s_ref||^2 / E||s_theta||^2`` (a ratio of sums, which weights
+samples by their score norm; earlier versions reported only this) and ``relative_error =
+E||s_theta - s_ref||^2 / E||s_ref||^2``, normalised by the *reference's* norm instead.
 
 References are any :class:`~lightning_diff.diffusion.denoisers.Denoiser` (the Gaussian, a Gaussian
 mixture, the exact training-set score...), so each is compared by the same code.
@@ -48,10 +48,11 @@ class ScoreDeviation(Metric):
     submodules, so they follow the metric's device). ``update(model, x0, generator)`` noises ``x0``
     at every ``sigma`` in turn with noise from ``generator`` (a ``torch.Generator`` or
     :class:`~lightning_diff.diffusion.random.SampleGenerators`, drawn once per sigma in grid order)
-    and adds ``||s_theta - s_ref||^2``, ``||s_theta||^2`` and ``||s_ref||^2`` to the sums.
+    and adds ``||s_theta - s_ref||^2``, ``||s_theta||^2``, ``||s_ref||^2`` and the per-sample ratio
+    ``||s_theta - s_ref||^2 / ||s_theta||^2`` to the sums.
 
-    ``compute()`` returns ``{name: {"ev": (S,), "deviation": (S,), "relative_error": (S,)}}``, float64
-    tensors over the grid (see the module docstring for which normalisation is which).
+    ``compute()`` returns ``{name: {"ev", "deviation", "pooled_deviation", "relative_error"}}``,
+    float64 tensors (S,) over the grid (see the module docstring for which normalisation is which).
     """
 
     is_differentiable = False
@@ -71,6 +72,7 @@ class ScoreDeviation(Metric):
         zeros = torch.zeros(num_refs, num_sigmas, dtype=torch.float64)
         self.add_state("diff_sq", zeros.clone(), dist_reduce_fx="sum")
         self.add_state("ref_sq", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("ratio_sum", zeros.clone(), dist_reduce_fx="sum")
         self.add_state("model_sq", torch.zeros(num_sigmas, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -80,23 +82,33 @@ class ScoreDeviation(Metric):
     ) -> None:
         x0 = x0.to(self.device)
         diff_sq, ref_sq, model_sq = self.diff_sq.clone(), self.ref_sq.clone(), self.model_sq.clone()
+        ratio_sum = self.ratio_sum.clone()
         for j, sigma in enumerate(self.sigmas):
             x = x0 + sigma * randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
             s_model = _score(model, x, sigma)
-            model_sq[j] += s_model.pow(2).sum()
+            norms = s_model.pow(2).sum(1)
+            model_sq[j] += norms.sum()
             for i, name in enumerate(self.names):
                 s_ref = _score(self.references[name], x, sigma)
-                diff_sq[i, j] += (s_model - s_ref).pow(2).sum()
+                errors = (s_model - s_ref).pow(2).sum(1)
+                diff_sq[i, j] += errors.sum()
                 ref_sq[i, j] += s_ref.pow(2).sum()
-        self.diff_sq, self.ref_sq, self.model_sq = diff_sq, ref_sq, model_sq
+                ratio_sum[i, j] += (errors / norms).sum()
+        self.diff_sq, self.ref_sq, self.model_sq, self.ratio_sum = diff_sq, ref_sq, model_sq, ratio_sum
         self.count = self.count + x0.shape[0]
 
     def compute(self) -> dict[str, dict[str, Tensor]]:
         if int(self.count) == 0:
             raise ValueError("ScoreDeviation.compute() before any update")
-        deviation = self.diff_sq / self.model_sq
+        deviation = self.ratio_sum / self.count
+        pooled = self.diff_sq / self.model_sq
         relative = self.diff_sq / self.ref_sq
         return {
-            name: {"ev": 1 - deviation[i], "deviation": deviation[i], "relative_error": relative[i]}
+            name: {
+                "ev": 1 - deviation[i],
+                "deviation": deviation[i],
+                "pooled_deviation": pooled[i],
+                "relative_error": relative[i],
+            }
             for i, name in enumerate(self.names)
         }

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.kernel_bandwidth import isotropic_objective, isotropic_optimum
 from lightning_diff.diffusion.kernel_score import KernelScore, scott_bandwidth
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.schedules import DiscreteSchedule
@@ -38,6 +39,7 @@ from lightning_diff.errors import ConfigError
 from lightning_diff.models.diffusion_module import DiffusionModule
 from lightning_diff.nets.precision import PrecisionField
 
+LOO_POINTS = 4096  # training points scoring the initial width's 1-D search
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -48,7 +50,11 @@ class KernelWPO(DiffusionModule):
         net: the :class:`PrecisionField` (built from ``conf/net/precision_field.yaml``).
         num_centers: kernel centres drawn from the training set (seeded); all of it when None.
         center_seed: seeds that draw.
-        bandwidth: the initial kernel standard deviation; Scott's rule on the training set when None.
+        bandwidth: the initial kernel standard deviation: ``loo`` (the default) the width of one shared
+            isotropic kernel that minimises this family's own objective on the training set (a 1-D
+            search, :func:`~lightning_diff.diffusion.kernel_bandwidth.isotropic_optimum`), so the fit
+            starts at the best kernel density of the isotropic family and only has to improve on it;
+            ``scott`` (or None) Scott's rule; or a number.
         chunk_size: centres per chunk of the running log-sum-exp (memory ``batch x chunk x d``).
         top_k: score each query with its ``top_k`` nearest centres only (an approximation; the error
             is measured by ``bench/kernel_wpo.py``); all centres when None.
@@ -70,7 +76,7 @@ class KernelWPO(DiffusionModule):
         net: PrecisionField,
         num_centers: int | None = None,
         center_seed: int = 0,
-        bandwidth: float | None = None,
+        bandwidth: float | str | None = "loo",
         chunk_size: int = 1024,
         top_k: int | None = None,
         dtype: str = "float64",
@@ -100,7 +106,13 @@ class KernelWPO(DiffusionModule):
         if not (max_variance in (None, "data") or float(max_variance) > 0):
             raise ConfigError(f"model.max_variance={max_variance!r}: use data, null or a positive number")
         self.max_variance = max_variance
+        if not (bandwidth in (None, "loo", "scott") or (not isinstance(bandwidth, str) and bandwidth > 0)):
+            raise ConfigError(f"model.bandwidth={bandwidth!r}: use loo, scott or a positive number")
         self.register_data_buffer("centers")
+        # The initial width and the isotropic objective there (with bandwidth=loo: the optimum the fit
+        # starts from), kept in checkpoints so a fitted model can be read against its start.
+        self.register_data_buffer("initial_bandwidth")
+        self.register_data_buffer("initial_objective")
 
     def fit_data(self, train: Tensor, gaussian_reference: bool = True) -> None:
         """Choose the kernel centres and start the precision field at the initial bandwidth."""
@@ -114,7 +126,9 @@ class KernelWPO(DiffusionModule):
         if flat.shape[0] < 2:
             raise ConfigError("model=kernel_wpo needs at least two training points")
         self.centers = flat.to(device=self.device, dtype=DTYPES[self.dtype_name])
-        h = self.bandwidth if self.bandwidth is not None else scott_bandwidth(train)
+        h, start = self._initial_bandwidth(train, self.centers)
+        self.initial_bandwidth = torch.tensor([h], dtype=torch.float64, device=self.device)
+        self.initial_objective = torch.tensor([start], dtype=torch.float64, device=self.device)
         if self.max_variance is not None:
             cap = self.max_variance
             if cap == "data":
@@ -123,6 +137,18 @@ class KernelWPO(DiffusionModule):
         self.net.initialise(h, data=train.to(self.device))
         self.ema.module.load_state_dict(self.net.state_dict())
         self.data_changed()
+
+    def _initial_bandwidth(self, train: Tensor, centers: Tensor) -> tuple[float, float]:
+        """The initial kernel width and the objective of that isotropic kernel on (up to 4096 of) the
+        training points."""
+        points = train.reshape(train.shape[0], -1).to(centers)
+        if points.shape[0] > LOO_POINTS:
+            gen = torch.Generator().manual_seed(self.center_seed)
+            points = points[torch.randperm(points.shape[0], generator=gen)[:LOO_POINTS].to(points.device)]
+        if self.bandwidth == "loo":
+            return isotropic_optimum(centers, points, self.fit_sigma)
+        h = scott_bandwidth(train) if self.bandwidth in (None, "scott") else float(self.bandwidth)
+        return h, isotropic_objective(centers, points, h, self.fit_sigma)
 
     def kernel(self, field: PrecisionField) -> KernelScore:
         """The kernel score model with ``field``'s precisions (gradients flow when enabled)."""

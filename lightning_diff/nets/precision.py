@@ -14,10 +14,14 @@ form           ``P(y)``                                                  outputs
 =============  ========================================================  =======================
 ``full``       ``floor I + L L^T``, ``L`` lower triangular                ``d (d + 1) / 2``
 ``lowrank``    ``diag(floor + exp(a)) + U U^T``, ``U`` of ``rank`` cols   ``d + d rank``
-``tangent``    ``P^{-1} = diag(floor + exp(a))^{-1} + W W^T``              ``d + d rank``
+``tangent``    ``P^{-1} = diag(2 floor + exp(a))^{-1} + W W^T``            ``d + d rank``
 ``diagonal``   ``diag(floor + exp(a))``                                  ``d``
 ``isotropic``  ``(floor + exp(a)) I``                                    ``1``
 =============  ========================================================  =======================
+
+Every form keeps each kernel's covariance at most ``1 / floor`` along any direction. For ``tangent``
+the diagonal part is held below half of that and ``W`` is shrunk smoothly,
+``W = W_raw sqrt(c / (c + |W_raw|_F^2))`` with ``c = 1 / (2 floor)``, so ``|W W^T| <= |W|_F^2 < c``.
 
 ``amortized=False`` replaces the network by one learned output shared by every centre (a tied
 precision: a cross-validated bandwidth or metric).
@@ -43,8 +47,9 @@ class PrecisionField(nn.Module):
         data_shape: the shape of one sample; ``d`` is its number of elements.
         form: ``full``, ``lowrank``, ``diagonal`` or ``isotropic`` (see the module docstring).
         rank: columns of ``U`` for ``lowrank``.
-        floor: the smallest precision along any direction (the reference code's ``eps``; a variance
-            ceiling of ``1 / floor``). Must be positive for ``full``.
+        floor: the smallest precision along any direction (the reference code's ``eps``): no kernel's
+            covariance exceeds ``1 / floor`` along any direction, in every form. Must be positive
+            for ``full``.
         amortized: a network of the centre (True) or one shared learned output (False).
         hidden_dim, num_layers: the network's width and number of hidden layers (GELU).
         seed: seeds the initial factors, so two fields built alike are equal.
@@ -107,6 +112,12 @@ class PrecisionField(nn.Module):
         self.floor_value.fill_(max(self.floor, float(value)))
 
     @property
+    def diag_floor(self) -> float:
+        """The floor of the diagonal precision: ``floor``, or twice it for ``tangent``, whose factors
+        may add up to the other half of the variance ceiling."""
+        return 2 * self.floor if self.form == "tangent" else self.floor
+
+    @property
     def kernel_precision(self) -> str:
         """The :class:`KernelScore` precision kind these outputs describe."""
         if self.form in ("full", "lowrank", "tangent"):
@@ -137,7 +148,7 @@ class PrecisionField(nn.Module):
             rows, cols = torch.tril_indices(d, d)
             bias[rows == cols] = math.sqrt(max(target - self.floor, 1e-6 * target))
         else:
-            bias[:k] = math.log(max(target - self.floor, 1e-6 * target))
+            bias[:k] = math.log(max(target - self.diag_floor, 1e-6 * target))
             if self.form in ("lowrank", "tangent"):
                 noise = torch.randn(d * self.rank, generator=gen)
                 scale = target if self.form == "lowrank" else 1 / target  # a precision or a variance
@@ -162,10 +173,15 @@ class PrecisionField(nn.Module):
             log_diag = self.floor_value.log().to(out).expand(m, 1)
             return log_diag, chol
         raw = out[:, : self.diag_width]
-        log_diag = torch.logaddexp(raw, self.floor_value.log().to(raw)) if self.floor > 0 else raw
+        floor = self.floor_value * (2 if self.form == "tangent" else 1)
+        log_diag = torch.logaddexp(raw, floor.log().to(raw)) if self.floor > 0 else raw
         if self.form not in ("lowrank", "tangent"):
             return log_diag, None
-        return log_diag, out[:, self.diag_width :].reshape(m, d, self.rank)
+        factors = out[:, self.diag_width :].reshape(m, d, self.rank)
+        if self.form == "tangent" and self.floor > 0:
+            budget = 1 / floor.to(factors)  # the covariance W W^T may add: |W W^T| <= |W|_F^2 < budget
+            factors = factors * (budget / (budget + factors.square().sum((1, 2), keepdim=True))).sqrt()
+        return log_diag, factors
 
     def precision_matrices(self, y: Tensor) -> Tensor:
         """The (M, d, d) precisions at centres ``y`` (for inspection and small dimensions)."""
