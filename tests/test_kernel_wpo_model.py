@@ -290,7 +290,6 @@ def test_ld_train_fits_samples_and_reloads(tiny_train, tmp_path):
         ["model=kernel_wpo", "data=moons", "data.num_train=64", "data.num_samples=200"], tmp_path
     )
     assert math.isfinite(metrics["train/loss"])
-    assert 0.0 <= metrics["eval/memorized_fraction"] <= 1.0
     assert (tmp_path / "samples").is_dir() and any((tmp_path / "samples").iterdir())
     model, cfg = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert isinstance(model, KernelWPO) and cfg.net.form == "full"
