@@ -60,6 +60,8 @@ EXPERIMENTS = {
         "ddpm": ["experiment=digits_ddpm"],
         "score_sde": ["experiment=digits_score_sde"],
         "kernel_wpo": ["experiment=digits_kernel_wpo"],
+        "kernel_wpo_fit0.01": ["experiment=digits_kernel_wpo", "model.fit_sigma=0.01"],
+        "kernel_wpo_fit0.05": ["experiment=digits_kernel_wpo", "model.fit_sigma=0.05"],
         "kernel_wpo_fit0.2": ["experiment=digits_kernel_wpo", "model.fit_sigma=0.2"],
     },
 }
