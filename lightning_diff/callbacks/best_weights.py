@@ -74,7 +74,7 @@ class BestWeights(L.Callback):
         )
         for callback in trainer.callbacks:  # last.ckpt is written again, with these weights
             if isinstance(callback, RunCheckpoint):
-                callback._saved_step = None
+                callback.weights_changed()
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "weights": self.weights}

@@ -31,6 +31,11 @@ class RunCheckpoint(ModelCheckpoint):
         self._saved_step = trainer.global_step
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
+    def weights_changed(self) -> None:
+        """The module's weights changed after the last save (BestWeights restored others): the end of
+        ``fit`` writes ``last.ckpt`` again."""
+        self._saved_step = None
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         if not self.save_last or self.dirpath is None or trainer.global_step == 0:
