@@ -114,26 +114,33 @@ def reevaluate(run_dir: Path, num_samples: int, sampler: str | None = None) -> d
     return json.loads(out.read_text())
 
 
+def train_run(data: str, family: str, size: str, seed: int, run_dir: Path, *extra: str) -> None:
+    """``ld-train`` of the family's experiment on ``size`` training points (one thread, CSV logger,
+    Lightning's Timer), with ``extra`` overrides; ``bench/`` is importable for bench callbacks."""
+    num_train = "null" if size == "full" else size
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_diff.cli.train",
+        *EXPERIMENTS[data][family],
+        f"data.num_train={num_train}",
+        f"run_dir={run_dir}",
+        f"seed={seed}",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "+callbacks.timer._target_=lightning.pytorch.callbacks.Timer",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{ROOT / 'bench'}"}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+
 def run_cell(data: str, family: str, size: str, seed: int, root: Path, again: bool = False) -> dict:
     run_dir = root / data / f"{family}_{size}_seed{seed}"
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
-        num_train = "null" if size == "full" else size
-        cmd = [
-            sys.executable,
-            "-m",
-            "lightning_diff.cli.train",
-            *EXPERIMENTS[data][family],
-            f"data.num_train={num_train}",
-            f"run_dir={run_dir}",
-            f"seed={seed}",
-            "logger=csv",
-            "trainer.enable_progress_bar=false",
-            "+callbacks.timer._target_=lightning.pytorch.callbacks.Timer",
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        train_run(data, family, size, seed, run_dir)
         print(f"{data} {family} {size} seed {seed}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     metrics = json.loads(metrics_path.read_text())
     if again:

@@ -144,7 +144,9 @@ def test_cli_unknown_config_key_names_the_key_and_the_fix(tmp_path):
     assert "no_such_key" in result.stderr and "+no_such_key" in result.stderr
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ancestral", "euler_maruyama", "pc", "heun", "ode"])
+@pytest.mark.parametrize(
+    "sampler", ["ddim", "ancestral", "euler_maruyama", "exponential", "pc", "heun", "ode"]
+)
 def test_sample_with_every_sampler(ckpt, tmp_path, sampler):
     """Every sampler draws from a DDPM checkpoint through ld-sample (cross-family by design)."""
     overrides = [

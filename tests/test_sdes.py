@@ -37,6 +37,7 @@ from lightning_diff.diffusion import (
     SubVPSDE,
     sample_ddim,
     sample_euler_maruyama,
+    sample_exponential,
     sample_pc,
 )
 from lightning_diff.errors import ConfigError
@@ -240,6 +241,11 @@ def assert_reproduces_gaussian(x):
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve", "ddpm"])
 def test_euler_maruyama_reproduces_gaussian(name):
     assert_reproduces_gaussian(draw(sample_euler_maruyama, 1000, make_schedule(name)))
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "ddpm"])
+def test_exponential_integrator_reproduces_gaussian(name):
+    assert_reproduces_gaussian(draw(sample_exponential, 1000, make_schedule(name)))
 
 
 @pytest.mark.parametrize("snr", [None, 0.16], ids=["default_snr", "paper_snr"])

@@ -11,7 +11,7 @@ from lightning_diff.diffusion.ode import sample_heun, sample_ode_adaptive, solve
 from lightning_diff.diffusion.random import SampleGenerators, randn
 from lightning_diff.diffusion.samplers import Sampler, sample_ancestral, sample_ddim
 from lightning_diff.diffusion.schedules import DiscreteSchedule
-from lightning_diff.diffusion.sde_samplers import sample_euler_maruyama, sample_pc
+from lightning_diff.diffusion.sde_samplers import sample_euler_maruyama, sample_exponential, sample_pc
 from lightning_diff.diffusion.sdes import SDE, VESDE, VPSDE, ReverseSDE, SubVPSDE
 from lightning_diff.diffusion.utils import append_dims
 
@@ -36,6 +36,7 @@ __all__ = [
     "sample_ancestral",
     "sample_ddim",
     "sample_euler_maruyama",
+    "sample_exponential",
     "sample_heun",
     "sample_ode_adaptive",
     "sample_pc",

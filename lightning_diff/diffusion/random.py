@@ -10,11 +10,21 @@ al. 2022's reference generator, re-derived here).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from lightning_diff.seeding import sample_seed
+
+
+@runtime_checkable
+class NoiseSource(Protocol):
+    """Anything that hands out a sampler's Gaussian draws itself (:class:`SampleGenerators`; the
+    scripted noise with which :mod:`lightning_diff.diffusion.propagate` reads off a sampler's
+    output distribution)."""
+
+    def randn(self, shape: Sequence[int], device=None, dtype=None) -> Tensor: ...
 
 
 class SampleGenerators:
@@ -66,12 +76,13 @@ class ShardedGenerator:
 
 def randn(
     shape: Sequence[int],
-    generator: torch.Generator | SampleGenerators | ShardedGenerator | None,
+    generator: torch.Generator | NoiseSource | ShardedGenerator | None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Standard normal noise of ``shape`` from ``generator`` (a Generator, per-sample generators, or None)."""
-    if isinstance(generator, SampleGenerators):
+    """Standard normal noise of ``shape`` from ``generator`` (a Generator, per-sample generators or
+    another :class:`NoiseSource`, or None)."""
+    if isinstance(generator, NoiseSource):
         return generator.randn(shape, device=device, dtype=dtype)
     if isinstance(generator, ShardedGenerator):
         return generator.draw(torch.randn, shape, dtype=dtype or torch.float32).to(device)

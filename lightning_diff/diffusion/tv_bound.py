@@ -1,0 +1,184 @@
+"""The terms of the Girsanov bound on total variation for Gaussian data on a sampler's grid.
+
+The bound of Korrapati, Baranwal & Shah (2024) (``../shared/MATH.md``, "Discrete vs continuous"),
+with every term computed for one cell (data ``N(mu, Sigma)``, a grid of noise levels, an injected
+score error of RMS ``epsilon`` per coordinate) rather than up to constants:
+
+    TV(samples, data) <= TV(prior, p_T)                    horizon
+                       + sqrt(KL_path / 2)                  discretisation and score error (Pinsker)
+                       + TV(final step of p_tau1, data)     the last step, the denoiser's output
+
+* horizon: the Ornstein-Uhlenbeck flow contracts KL to its Gaussian by ``e^{-2T}`` (``T`` the OU
+  time, ``e^{-2T} = 1 / (1 + sigma_max^2)``), so ``TV <= e^{-T} sqrt(KL(data || N(0, I)) / 2)``.
+* KL_path (Girsanov): for a scheme that holds the drift over each step and keeps the SDE's own
+  diffusion, ``KL = 1/2 sum_k int E|b(x_t, t) - b(x_{t_k}, t_k)|^2 / g^2 dt`` under the exact reverse
+  path, whose pairs ``(x_t, x_{t_k})`` have the forward process's joint law. For Gaussian data both
+  drifts are affine, so the expectation is closed form per eigen-direction of ``Sigma`` and only the
+  time integral is numerical (Gauss-Legendre in ``log(1 + sigma^2)``). Euler-Maruyama in the variance
+  time ``tau = sigma^2`` (``g = 1``, drift the VE score) and the exponential integrator in the VP
+  coordinates (``g^2 = beta``, only the score held) are such schemes; ancestral sampling (another
+  noise variance) and the ODE samplers (no noise) are not, and get no bound.
+  An injected error ``epsilon u`` (``u`` fixed, ``|u|^2 = dim``) in the VP score adds, in continuous
+  time, ``1/2 epsilon^2 dim log((1 + sigma_max^2) / (1 + sigma_1^2))``: the seed's ``sqrt(T) epsilon``
+  term (``score_term``). The bound uses the same error as each scheme holds it over its steps
+  (:func:`held_score_kl`); it adds to the discretisation KL because the discretisation error has
+  mean zero under the exact path and the injected error is constant.
+* the last step maps ``x`` at ``sigma_1`` to the denoiser's output, an affine map of ``p_tau1``:
+  ``N(mu + delta, Sigma (Sigma + sigma_1^2)^{-1} Sigma)``, against the data by Pinsker (the smaller KL
+  of the two directions); data processing carries the path error through this map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_diff.diffusion.denoisers import Denoiser
+from lightning_diff.diffusion.utils import append_dims, as_sigma_batch
+from lightning_diff.metrics.gaussian_tv import gaussian_kl
+
+BOUNDED = ("euler_maruyama", "exponential")
+_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)
+
+
+class PerturbedDenoiser(Denoiser):
+    """``inner`` with a fixed error ``epsilon * direction`` added to its VP score at every noise level.
+
+    In the denoiser's coordinates (``x = z sqrt(1 + sigma^2)``) the VP score error ``e`` is a VE score
+    error ``e / sqrt(1 + sigma^2)``, i.e. ``D + epsilon sigma^2 / sqrt(1 + sigma^2) * direction``.
+    ``direction`` defaults to all ones (RMS 1 per coordinate). Affine in ``x`` when ``inner`` is.
+    """
+
+    def __init__(self, inner: Denoiser, epsilon: float, direction: Tensor):
+        super().__init__()
+        self.inner, self.epsilon = inner, float(epsilon)
+        self.register_buffer("direction", torch.as_tensor(direction, dtype=torch.float64).reshape(-1))
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        out = self.inner(x, sigma)
+        if self.epsilon == 0:
+            return out
+        s = append_dims(as_sigma_batch(sigma, x).to(torch.float64), 2)
+        shift = self.epsilon * s**2 / torch.sqrt(1 + s**2) * self.direction
+        return out + shift.reshape(out.shape).to(out.dtype)
+
+
+def ou_horizon(sigma_max: float) -> float:
+    """The Ornstein-Uhlenbeck time ``T`` of a VP grid that starts at ``sigma_max``."""
+    return 0.5 * math.log1p(sigma_max**2)
+
+
+def horizon_term(mean: Tensor, cov: Tensor, sigma_max: float) -> float:
+    """``e^{-T} sqrt(KL(data || N(0, I)) / 2)``."""
+    dim = mean.numel()
+    eye = torch.eye(dim, dtype=torch.float64)
+    kl = gaussian_kl(mean, cov, torch.zeros(dim, dtype=torch.float64), eye)
+    return math.exp(-ou_horizon(sigma_max)) * math.sqrt(kl / 2)
+
+
+def score_kl(epsilon: float, dim: int, sigma_max: float, sigma_1: float) -> float:
+    """Girsanov KL of the injected error over the stochastic steps (``sigma_max`` down to ``sigma_1``)."""
+    return 0.5 * epsilon**2 * dim * (math.log1p(sigma_max**2) - math.log1p(sigma_1**2))
+
+
+def held_score_kl(epsilon: float, dim: int, sigmas: Tensor, scheme: str) -> float:
+    """The injected error's Girsanov KL as the scheme sees it, held at each step's start: exponential
+    integrator ``1/2 eps^2 dim sum d log(1 + tau)`` (equal to :func:`score_kl`); Euler-Maruyama
+    ``1/2 eps^2 dim sum (tau_k - tau_{k+1}) / (1 + tau_k)`` (the VE error shrinks as ``1/sqrt(1 + tau)``)."""
+    levels = sigmas.double().tolist()
+    total = 0.0
+    for sigma, sigma_next in zip(levels[:-1], levels[1:], strict=False):
+        if sigma_next == 0:
+            continue
+        if scheme == "euler_maruyama":
+            total += (sigma**2 - sigma_next**2) / (1 + sigma**2)
+        else:
+            total += math.log1p(sigma**2) - math.log1p(sigma_next**2)
+    return 0.5 * epsilon**2 * dim * total
+
+
+def _interval_integral(fn, lo: float, hi: float) -> float:
+    """``int_lo^hi fn(u) du`` by 24-point Gauss-Legendre (``fn`` takes an array of nodes)."""
+    half, mid = 0.5 * (hi - lo), 0.5 * (hi + lo)
+    return float(half * np.sum(_WEIGHTS * fn(mid + half * _NODES)))
+
+
+def ve_drift_gap(lam: np.ndarray, tau: np.ndarray, tau_k: float) -> np.ndarray:
+    """``E|score_VE(x_tau, tau) - score_VE(x_tau_k, tau_k)|^2`` per eigen-direction of variance ``lam``,
+    for ``x_tau`` from the exact marginal and ``x_tau_k = x_tau + sqrt(tau_k - tau) n`` (``tau_k >= tau``)."""
+    return (lam + tau) * (1 / (lam + tau_k) - 1 / (lam + tau)) ** 2 + (tau_k - tau) / (lam + tau_k) ** 2
+
+
+def vp_score_gap(lam: np.ndarray, tau: np.ndarray, tau_k: float) -> np.ndarray:
+    """The same for the VP score, ``z = x / sqrt(1 + tau)``: with ``ab = 1 / (1 + tau)``,
+    ``v = ab lam + 1 - ab`` and ``a = sqrt(ab_k / ab)``, ``z_k - m_k = a (z - m) + sqrt(1 - a^2) n``."""
+    ab, ab_k = 1 / (1 + tau), 1 / (1 + tau_k)
+    v, v_k = ab * lam + 1 - ab, ab_k * lam + 1 - ab_k
+    a = np.sqrt(ab_k / ab)
+    return v * (a / v_k - 1 / v) ** 2 + (1 - a**2) / v_k**2
+
+
+def discretisation_kl(eigvals: Tensor, sigmas: Tensor, scheme: str) -> float:
+    """Girsanov KL between the exact reverse path and a drift-holding scheme on ``sigmas`` (descending,
+    ending at 0), over every step but the last (which :func:`final_step_term` accounts for).
+
+    ``scheme``: ``euler_maruyama`` (VE variance time, drift ``score_VE``) or ``exponential`` (VP
+    coordinates, score ``score_VP`` held, linear part exact); the expected gaps per eigen-direction of
+    the data covariance are :func:`ve_drift_gap` and :func:`vp_score_gap`.
+    """
+    if scheme not in BOUNDED:
+        raise ValueError(f"no Girsanov bound for {scheme!r}: only {', '.join(BOUNDED)}")
+    lam = eigvals.double().numpy()[:, None]
+    levels = sigmas.double().tolist()
+    total = 0.0
+    for sigma, sigma_next in zip(levels[:-1], levels[1:], strict=False):
+        if sigma_next == 0:
+            continue
+        tau_k = sigma**2
+
+        def integrand(u: np.ndarray, tau_k: float = tau_k) -> np.ndarray:  # u = log(1 + tau): beta dt = du
+            tau = np.expm1(u)[None, :]
+            if scheme == "euler_maruyama":  # d tau = (1 + tau) du, g = 1
+                return ve_drift_gap(lam, tau, tau_k).sum(0) * (1 + tau[0])
+            return vp_score_gap(lam, tau, tau_k).sum(0)  # |beta Delta|^2 / g^2 dt = |Delta|^2 du
+
+        total += _interval_integral(integrand, math.log1p(sigma_next**2), math.log1p(tau_k))
+    return 0.5 * total
+
+
+def final_step_term(mean: Tensor, cov: Tensor, sigma_1: float, epsilon: float, direction: Tensor) -> float:
+    """Pinsker's bound on the TV between the data and the denoiser's output on ``p`` at ``sigma_1``."""
+    lam, vecs = torch.linalg.eigh(cov.double())
+    out_cov = vecs @ torch.diag(lam**2 / (lam + sigma_1**2)) @ vecs.T
+    shift = epsilon * sigma_1**2 / math.sqrt(1 + sigma_1**2) * direction.double()
+    kl = min(gaussian_kl(mean, cov, mean + shift, out_cov), gaussian_kl(mean + shift, out_cov, mean, cov))
+    return math.sqrt(max(kl, 0.0) / 2)
+
+
+def bound_terms(
+    mean: Tensor, cov: Tensor, sigmas: Tensor, scheme: str, epsilon: float, direction: Tensor
+) -> dict[str, float | None]:
+    """Every term of the bound for one cell; ``bound`` is None for schemes it does not cover."""
+    levels = sigmas.double().tolist()
+    sigma_max, sigma_1 = levels[0], levels[-2]
+    dim = mean.numel()
+    eigvals = torch.linalg.eigvalsh(cov.double())
+    kl_score = score_kl(epsilon, dim, sigma_max, sigma_1)
+    terms: dict[str, float | None] = {
+        "horizon_term": horizon_term(mean, cov, sigma_max),
+        "score_term": math.sqrt(kl_score / 2),
+        "final_term": final_step_term(mean, cov, sigma_1, epsilon, direction),
+        "ou_horizon": ou_horizon(sigma_max),
+    }
+    if scheme in BOUNDED:
+        kl_disc = discretisation_kl(eigvals, sigmas, scheme)
+        kl_held = held_score_kl(epsilon, dim, sigmas, scheme)
+        terms["discretisation_term"] = math.sqrt(kl_disc / 2)
+        terms["bound"] = terms["horizon_term"] + math.sqrt((kl_disc + kl_held) / 2) + terms["final_term"]
+    else:
+        terms["discretisation_term"] = None
+        terms["bound"] = None
+    return terms

@@ -1,0 +1,311 @@
+"""Total variation between a known density and its samplers' outputs, beside the Girsanov bound.
+
+The study behind ``ld-tv`` (``conf/tv.yaml``; Korrapati, Baranwal & Shah 2024, ``../shared/MATH.md``).
+A cell is (sampler, steps, score error ``epsilon``, horizon). Every sampler runs the data's exact
+denoiser plus the error of :class:`~lightning_diff.diffusion.tv_bound.PerturbedDenoiser`, on a VP
+grid whose ``beta_max`` sets the horizon.
+
+* Gaussian data (any dimension): the output is exactly Gaussian; its mean and covariance come from
+  the sampler's own code (:func:`~lightning_diff.diffusion.propagate.gaussian_output`). KL is closed
+  form; TV is exact in 1-D (``tv_method: exact``) and Monte Carlo beyond (``monte_carlo``, with its
+  standard error ``tv_se``).
+* Mixtures (diagonal component covariances, dimension <= 3): TV between the histogram of the
+  sampler's samples and the mixture's exact cell probabilities (``histogram``). Binning can only
+  lower TV, and finite samples raise it: ``tv_floor`` is the same statistic for as many exact draws
+  of the mixture, the level below which a cell says nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_diff.data.distributions import Gaussian, GaussianMixture
+from lightning_diff.diffusion.closed_form import GaussianMixtureDenoiser
+from lightning_diff.diffusion.denoisers import GaussianDenoiser
+from lightning_diff.diffusion.propagate import gaussian_output
+from lightning_diff.diffusion.samplers import Sampler
+from lightning_diff.diffusion.sdes import VPSDE
+from lightning_diff.diffusion.tv_bound import PerturbedDenoiser, bound_terms, ou_horizon
+from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.gaussian_tv import gaussian_kl, gaussian_tv_1d, gaussian_tv_mc
+
+
+@dataclass
+class Cell:
+    sampler: str
+    steps: int
+    score_error: float
+    horizon: float  # beta_max of the VP schedule
+
+
+def cells(design: str, samplers, steps, score_errors, horizons, reference: dict[str, Any]) -> list[Cell]:
+    """``grid``: every combination. ``cross``: per sampler, the steps at the reference error and
+    horizon, the errors at the reference steps and horizon, the horizons at the reference steps and
+    error (duplicates dropped)."""
+    if design == "grid":
+        return [Cell(s, n, e, h) for s in samplers for n in steps for e in score_errors for h in horizons]
+    if design != "cross":
+        raise ConfigError(f"design={design!r} is not one of grid, cross")
+    ref_n, ref_e, ref_h = (
+        int(reference["steps"]),
+        float(reference["score_error"]),
+        float(reference["horizon"]),
+    )
+    out: list[Cell] = []
+    for s in samplers:
+        for cell in (
+            [Cell(s, n, ref_e, ref_h) for n in steps]
+            + [Cell(s, ref_n, e, ref_h) for e in score_errors]
+            + [Cell(s, ref_n, ref_e, h) for h in horizons]
+        ):
+            if cell not in out:
+                out.append(cell)
+    return out
+
+
+def _rms_one(dim: int) -> Tensor:
+    return torch.ones(dim, dtype=torch.float64)
+
+
+def gaussian_cell(
+    dist: Gaussian, sampler: Sampler, name: str, cell: Cell, schedule: VPSDE, tv_options: dict
+) -> dict[str, Any]:
+    mean, cov = dist.mean.double(), dist.cov.double()
+    dim = mean.numel()
+    direction = _rms_one(dim)
+    denoiser = PerturbedDenoiser(GaussianDenoiser(mean, cov), cell.score_error, direction)
+    out_mean, out_cov, draws = gaussian_output(sampler, denoiser, schedule, dim)
+    row: dict[str, Any] = {"draws": draws}
+    if dim == 1:
+        row["tv"] = gaussian_tv_1d(
+            float(mean), math.sqrt(float(cov)), float(out_mean), math.sqrt(float(out_cov))
+        )
+        row["tv_se"], row["tv_method"] = 0.0, "exact"
+    else:
+        tv, se = gaussian_tv_mc(
+            mean, cov, out_mean, out_cov, int(tv_options["num_samples"]), int(tv_options["seed"])
+        )
+        row["tv"], row["tv_se"], row["tv_method"] = tv, se, "monte_carlo"
+    row["kl"] = gaussian_kl(mean, cov, out_mean, out_cov)
+    sigmas = schedule.sampling_sigmas(sampler.num_steps, sampler.spacing)
+    row.update(bound_terms(mean, cov, sigmas, name, cell.score_error, direction))
+    return row
+
+
+def _histogram_edges(dist: GaussianMixture, bins: int) -> list[np.ndarray]:
+    std = dist.covs.diagonal(dim1=1, dim2=2).sqrt()
+    lo = (dist.means - 6 * std).min(0).values.numpy()
+    hi = (dist.means + 6 * std).max(0).values.numpy()
+    return [np.linspace(a, b, bins + 1) for a, b in zip(lo, hi, strict=False)]
+
+
+def mixture_cell_probabilities(dist: GaussianMixture, edges: list[np.ndarray]) -> np.ndarray:
+    """Exact probability of every histogram cell (diagonal components: products of 1-D masses)."""
+    from scipy.special import ndtr
+
+    probs = 0.0
+    std = dist.covs.diagonal(dim1=1, dim2=2).sqrt().numpy()
+    for k in range(dist.num_components):
+        masses = [np.diff(ndtr((e - dist.means[k, j].item()) / std[k, j])) for j, e in enumerate(edges)]
+        grid = masses[0]
+        for m in masses[1:]:
+            grid = np.multiply.outer(grid, m)
+        probs = probs + dist.weights[k].item() * grid
+    return np.asarray(probs)
+
+
+def histogram_tv(samples: np.ndarray, probs: np.ndarray, edges: list[np.ndarray]) -> float:
+    """``1/2 sum |empirical - exact|`` over the cells, with the mass outside the grid counted as one cell."""
+    counts, _ = np.histogramdd(samples, bins=edges)
+    freq = counts / len(samples)
+    outside = 1.0 - freq.sum()
+    return 0.5 * (np.abs(freq - probs).sum() + abs(outside - (1.0 - probs.sum())))
+
+
+def mixture_cell(
+    dist: GaussianMixture, sampler: Sampler, name: str, cell: Cell, schedule: VPSDE, tv_options: dict
+) -> dict[str, Any]:
+    covs = dist.covs.double()
+    if not torch.allclose(covs, torch.diag_embed(covs.diagonal(dim1=1, dim2=2))):
+        raise ConfigError(
+            "ld-tv on a mixture needs diagonal component covariances (use data.distribution.stds)"
+        )
+    if dist.dim > 3:
+        raise ConfigError(f"ld-tv histograms mixtures of dimension <= 3, got {dist.dim}: use data=gaussian")
+    num, bins, seed = int(tv_options["num_samples"]), int(tv_options["bins"]), int(tv_options["seed"])
+    exact = GaussianMixtureDenoiser(dist.means, covs, dist.weights)
+    denoiser = PerturbedDenoiser(exact, cell.score_error, _rms_one(dist.dim))
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for start in range(0, num, 100_000):
+        x, _ = sampler(denoiser, schedule, (min(100_000, num - start), dist.dim), generator=gen)
+        chunks.append(x.double().numpy())
+    samples = np.concatenate(chunks)
+    edges = _histogram_edges(dist, bins)
+    probs = mixture_cell_probabilities(dist, edges)
+    reference = dist.sample(num, torch.Generator().manual_seed(seed + 1)).double().numpy()
+    row: dict[str, Any] = {
+        "tv": histogram_tv(samples, probs, edges),
+        "tv_floor": histogram_tv(reference, probs, edges),
+        "tv_se": None,
+        "tv_method": f"histogram ({bins}^{dist.dim} cells, {num} samples)",
+        "kl": None,
+    }
+    sigmas = schedule.sampling_sigmas(sampler.num_steps, sampler.spacing)
+    row["ou_horizon"] = ou_horizon(float(sigmas[0]))
+    return row
+
+
+def run_cell(dist, sampler: Sampler, cell: Cell, beta_min: float, eps: float, tv_options: dict) -> dict:
+    schedule = VPSDE(beta_min=beta_min, beta_max=cell.horizon, eps=eps)
+    sampler = sampler.with_num_steps(cell.steps)
+    start = time.perf_counter()
+    if isinstance(dist, Gaussian):
+        row = gaussian_cell(dist, sampler, cell.sampler, cell, schedule, tv_options)
+    elif isinstance(dist, GaussianMixture):
+        row = mixture_cell(dist, sampler, cell.sampler, cell, schedule, tv_options)
+    else:
+        raise ConfigError(
+            "ld-tv needs a known density with an exact denoiser: data=gaussian or data=gmm, "
+            f"got {type(dist).__name__}"
+        )
+    base = {
+        "sampler": cell.sampler,
+        "steps": cell.steps,
+        "score_error": cell.score_error,
+        "horizon": cell.horizon,
+    }
+    row = {**base, **row, "seconds": time.perf_counter() - start}
+    if row.get("bound") is not None:
+        row["within_bound"] = bool(row["tv"] - 2 * (row["tv_se"] or 0.0) <= row["bound"])
+    else:
+        row["within_bound"] = None
+    return row
+
+
+def slope(x: list[float], y: list[float]) -> dict[str, float] | None:
+    """Least-squares slope of ``log y`` on ``log x`` with a 95% interval (t quantile); None below 3 points."""
+    from scipy import stats
+
+    pts = [(a, b) for a, b in zip(x, y, strict=False) if a > 0 and b is not None and b > 0]
+    if len(pts) < 3:
+        return None
+    lx, ly = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    fit = stats.linregress(lx, ly)
+    half = stats.t.ppf(0.975, len(pts) - 2) * fit.stderr
+    return {
+        "slope": float(fit.slope),
+        "low": float(fit.slope - half),
+        "high": float(fit.slope + half),
+        "points": len(pts),
+    }
+
+
+def summarise(rows: list[dict], reference: dict[str, Any], fit_steps_from: int) -> dict[str, Any]:
+    """The README's numbers: per sampler the slope of TV against the step size (at the reference
+    error and horizon, ``steps >= fit_steps_from``), against epsilon (errors > 0 at the reference
+    steps) and the TV at each horizon; the largest ratio of bound to TV."""
+    ref_e, ref_h, ref_n = (
+        float(reference["score_error"]),
+        float(reference["horizon"]),
+        int(reference["steps"]),
+    )
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        mine = [r for r in rows if r["sampler"] == name]
+        by_steps = sorted(
+            (
+                r
+                for r in mine
+                if r["score_error"] == ref_e and r["horizon"] == ref_h and r["steps"] >= fit_steps_from
+            ),
+            key=lambda r: r["steps"],
+        )
+        by_error = sorted(
+            (r for r in mine if r["steps"] == ref_n and r["horizon"] == ref_h and r["score_error"] > 0),
+            key=lambda r: r["score_error"],
+        )
+        by_horizon = sorted(
+            (r for r in mine if r["steps"] == ref_n and r["score_error"] == ref_e), key=lambda r: r["horizon"]
+        )
+        ratios = [r["bound"] / r["tv"] for r in mine if r.get("bound") is not None and r["tv"] > 0]
+        out[name] = {
+            "step_size_slope": slope([1 / r["steps"] for r in by_steps], [r["tv"] for r in by_steps]),
+            "score_error_slope": slope([r["score_error"] for r in by_error], [r["tv"] for r in by_error]),
+            "horizon": [(r["ou_horizon"], r["tv"]) for r in by_horizon],
+            "bound_over_tv": (min(ratios), max(ratios)) if ratios else None,
+        }
+    return out
+
+
+def figures(rows: list[dict], reference: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """TV against steps, against epsilon and against the OU horizon, one line per sampler (bounds dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref_e, ref_h, ref_n = (
+        float(reference["score_error"]),
+        float(reference["horizon"]),
+        int(reference["steps"]),
+    )
+    panels = [
+        (
+            "steps",
+            "number of steps",
+            lambda r: r["score_error"] == ref_e and r["horizon"] == ref_h,
+            lambda r: r["steps"],
+        ),
+        (
+            "score_error",
+            "score error epsilon (RMS per coordinate)",
+            lambda r: r["steps"] == ref_n and r["horizon"] == ref_h and r["score_error"] > 0,
+            lambda r: r["score_error"],
+        ),
+        (
+            "horizon",
+            "forward horizon T (OU time)",
+            lambda r: r["steps"] == ref_n and r["score_error"] == ref_e,
+            lambda r: r["ou_horizon"],
+        ),
+    ]
+    paths = []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for key, label, keep, xval in panels:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for i, name in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
+            pts = sorted((xval(r), r) for r in rows if r["sampler"] == name and keep(r))
+            if len(pts) < 2:
+                continue
+            drawn = True
+            xs = [p[0] for p in pts]
+            ax.plot(xs, [p[1]["tv"] for p in pts], marker="o", color=colours[i % len(colours)], label=name)
+            if pts[0][1].get("tv_floor") is not None:
+                ax.plot(xs, [p[1]["tv_floor"] for p in pts], ls=":", color="grey")
+            bounds = [p[1].get("bound") for p in pts]
+            if all(b is not None for b in bounds):
+                ax.plot(xs, bounds, ls="--", color=colours[i % len(colours)], label=f"{name} bound")
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xscale("log" if key != "horizon" else "linear")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("total variation to the data")
+        ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        path = out_dir / f"{stem}_tv_vs_{key}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,266 @@
+"""ld-tv: the exact output moments of every sampler, Gaussian TV and KL, the Girsanov bound's terms."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+from lightning_diff.data.distributions import Gaussian, GaussianMixture
+from lightning_diff.diffusion import VPSDE, Sampler
+from lightning_diff.diffusion.denoisers import GaussianDenoiser
+from lightning_diff.diffusion.propagate import gaussian_output
+from lightning_diff.diffusion.sde_samplers import sample_exponential
+from lightning_diff.diffusion.tv_bound import (
+    PerturbedDenoiser,
+    discretisation_kl,
+    ve_drift_gap,
+    vp_score_gap,
+)
+from lightning_diff.metrics.gaussian_tv import gaussian_kl, gaussian_tv_1d, gaussian_tv_mc
+from lightning_diff.tv_study import Cell, histogram_tv, mixture_cell_probabilities, run_cell
+
+MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)
+COV = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+SAMPLERS = ("ancestral", "euler_maruyama", "exponential", "ddim", "heun")
+TV_OPTIONS = {"num_samples": 200_000, "seed": 0, "bins": 40}
+
+
+def sampler(name: str, steps: int) -> Sampler:
+    from lightning_diff.cli.tv import load_sampler
+
+    return load_sampler(name).with_num_steps(steps)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_propagated_moments_equal_a_monte_carlo_run_of_the_same_sampler(name):
+    """With an injected error, on a short grid (where the output is far from the data)."""
+    denoiser = PerturbedDenoiser(GaussianDenoiser(MEAN, COV), 0.2, torch.ones(2))
+    schedule = VPSDE()
+    run = sampler(name, 8)
+    mean, cov, _ = gaussian_output(run, denoiser, schedule, 2)
+    num = 100_000
+    x, _ = run(denoiser, schedule, (num, 2), generator=torch.Generator().manual_seed(1))
+    x = x.double()
+    se_mean = (cov.diagonal() / num).sqrt()
+    assert ((x.mean(0) - mean).abs() < 5 * se_mean).all()
+    mc_cov = torch.cov(x.T)
+    # The standard error of a covariance entry: sqrt((C_ii C_jj + C_ij^2) / n).
+    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / num).sqrt()
+    assert ((mc_cov - cov).abs() < 5 * se_cov).all()
+    assert not torch.allclose(cov, COV, atol=0.02)  # eight steps: visibly not the data
+
+
+def test_exponential_step_is_the_vp_exponential_integrator():
+    """One step, re-derived in the VP coordinates z = x / sqrt(1 + sigma^2) with the VP score."""
+    denoiser = GaussianDenoiser(MEAN, COV)
+    sigma, sigma_next = 3.0, 0.7
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    class Fixed:
+        def randn(self, shape, device=None, dtype=None):
+            return noise
+
+    out, _ = sample_exponential(denoiser, x, torch.tensor([sigma, sigma_next, 0.0]), generator=Fixed())
+    # the loop ends with the denoiser at sigma_next; undo it by taking the state before that step
+    ab, ab_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    z = x * math.sqrt(ab)
+    marginal_cov = ab * COV + (1 - ab) * torch.eye(2, dtype=torch.float64)
+    score_z = -torch.linalg.solve(marginal_cov, (z - math.sqrt(ab) * MEAN).T).T
+    beta_integral = math.log(ab_next / ab)  # int beta dt over the step
+    r = math.exp(beta_integral / 2)
+    z_next = r * z + 2 * (r - 1) * score_z + math.sqrt(r**2 - 1) * noise
+    expected = denoiser(z_next / math.sqrt(ab_next), torch.tensor(sigma_next, dtype=torch.float64))
+    assert torch.allclose(out.double(), expected, atol=1e-10)
+
+
+def test_tv_of_equal_gaussians_is_zero_and_known_1d_gaussians_match_quadrature():
+    assert gaussian_tv_1d(0.3, 1.2, 0.3, 1.2) == pytest.approx(0.0, abs=1e-15)
+    tv_mc, se = gaussian_tv_mc(MEAN, COV, MEAN, COV, 10_000)
+    assert tv_mc == 0.0 and se == 0.0
+    for m1, s1, m2, s2 in [(0.0, 1.0, 1.0, 1.0), (0.0, 1.0, 0.5, 2.0), (2.0, 0.3, -1.0, 1.5)]:
+        half_l1, _ = integrate.quad(
+            lambda t, m1=m1, s1=s1, m2=m2, s2=s2: abs(stats.norm.pdf(t, m1, s1) - stats.norm.pdf(t, m2, s2)),
+            -40,
+            40,
+            points=[m1, m2],
+            limit=400,
+        )
+        assert gaussian_tv_1d(m1, s1, m2, s2) == pytest.approx(0.5 * half_l1, abs=1e-8)
+        mc, se = gaussian_tv_mc(
+            torch.tensor([m1]), torch.tensor([[s1**2]]), torch.tensor([m2]), torch.tensor([[s2**2]]), 200_000
+        )
+        assert abs(mc - 0.5 * half_l1) < 5 * se
+
+
+def test_gaussian_kl_matches_monte_carlo_and_pinsker_holds():
+    other_mean, other_cov = MEAN + torch.tensor([0.4, 0.1], dtype=torch.float64), COV * 1.7
+    kl = gaussian_kl(MEAN, COV, other_mean, other_cov)
+    x = torch.distributions.MultivariateNormal(MEAN, COV).sample((400_000,))
+    log_ratio = torch.distributions.MultivariateNormal(MEAN, COV).log_prob(
+        x
+    ) - torch.distributions.MultivariateNormal(other_mean, other_cov).log_prob(x)
+    assert abs(kl - float(log_ratio.mean())) < 5 * float(log_ratio.std()) / math.sqrt(len(x))
+    tv, _ = gaussian_tv_mc(MEAN, COV, other_mean, other_cov, 200_000)
+    assert tv <= math.sqrt(kl / 2)
+
+
+@pytest.mark.parametrize("lam", [0.05, 1.0, 4.0])
+def test_expected_drift_gaps_equal_monte_carlo_on_the_forward_process(lam):
+    """The Girsanov integrands, against the exact scores on pairs drawn from the forward process."""
+    gen = torch.Generator().manual_seed(0)
+    denoiser = GaussianDenoiser(torch.zeros(1), torch.tensor([[lam]]))
+    tau, tau_k, num = 0.6, 1.5, 400_000
+    x0 = math.sqrt(lam) * torch.randn(num, 1, generator=gen, dtype=torch.float64)
+    x = x0 + math.sqrt(tau) * torch.randn(num, 1, generator=gen, dtype=torch.float64)
+    x_k = x + math.sqrt(tau_k - tau) * torch.randn(num, 1, generator=gen, dtype=torch.float64)
+    gap = denoiser.score(x, math.sqrt(tau)) - denoiser.score(x_k, math.sqrt(tau_k))
+    ve = (gap**2).mean().item()
+    assert ve == pytest.approx(float(ve_drift_gap(np.array(lam), np.array(tau), tau_k)), rel=0.02)
+    # VP: z = x / sqrt(1 + tau), score_z = sqrt(1 + tau) score_x
+    gap_vp = math.sqrt(1 + tau) * denoiser.score(x, math.sqrt(tau)) - math.sqrt(1 + tau_k) * denoiser.score(
+        x_k, math.sqrt(tau_k)
+    )
+    vp = (gap_vp**2).mean().item()
+    assert vp == pytest.approx(float(vp_score_gap(np.array(lam), np.array(tau), tau_k)), rel=0.02)
+
+
+def test_discretisation_kl_shrinks_like_the_step_and_rejects_unbounded_schemes():
+    schedule = VPSDE()
+    lam = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    kl = {
+        n: discretisation_kl(lam, schedule.sampling_sigmas(n, "uniform"), "euler_maruyama")
+        for n in (100, 400)
+    }
+    assert 3.0 < kl[100] / kl[400] < 5.0  # KL ~ step size: four times the steps, a quarter
+    with pytest.raises(ValueError, match="no Girsanov bound"):
+        discretisation_kl(lam, schedule.sampling_sigmas(10, "uniform"), "ddim")
+
+
+@pytest.mark.parametrize("name", ["ancestral", "euler_maruyama", "exponential"])
+def test_exact_tv_falls_with_steps_at_zero_error_and_levels_off_with_an_error(name):
+    dist = Gaussian(mean=[0.5], cov=[[0.8]])
+    tv = {
+        (n, e): run_cell(dist, sampler(name, n), Cell(name, n, e, 20.0), 0.1, 1e-3, TV_OPTIONS)["tv"]
+        for n in (10, 50, 250)
+        for e in (0.0, 0.1)
+    }
+    assert tv[(10, 0.0)] > tv[(50, 0.0)] > tv[(250, 0.0)]
+    assert tv[(250, 0.0)] < 0.2 * tv[(10, 0.0)]
+    # with an error, five times the steps no longer helps: TV stays at the error's level
+    assert tv[(250, 0.1)] > 5 * tv[(250, 0.0)]
+    assert abs(tv[(250, 0.1)] - tv[(50, 0.1)]) < 0.25 * tv[(250, 0.1)]
+
+
+@pytest.mark.parametrize("name", ["euler_maruyama", "exponential"])
+def test_no_cell_exceeds_its_bound(name):
+    """Short and default horizons, coarse and fine grids, with and without an error, 1-D and 2-D."""
+    for dist in (Gaussian(mean=[0.5], cov=[[0.8]]), Gaussian(dim=2, seed=3)):
+        for steps in (5, 30, 200):
+            for error in (0.0, 0.3):
+                for horizon in (1.0, 20.0):
+                    cell = Cell(name, steps, error, horizon)
+                    row = run_cell(
+                        dist, sampler(name, steps), cell, 0.1, 1e-3, {**TV_OPTIONS, "num_samples": 50_000}
+                    )
+                    assert row["bound"] is not None and row["within_bound"], row
+                    assert row["tv"] <= row["bound"]
+
+
+def test_ode_and_ancestral_cells_have_terms_but_no_bound():
+    dist = Gaussian(mean=[0.5], cov=[[0.8]])
+    for name in ("ancestral", "ddim", "heun"):
+        row = run_cell(dist, sampler(name, 20), Cell(name, 20, 0.0, 20.0), 0.1, 1e-3, TV_OPTIONS)
+        assert row["bound"] is None and row["within_bound"] is None
+        assert row["horizon_term"] > 0 and row["tv_method"] == "exact"
+
+
+def test_mixture_cells_against_exact_cell_probabilities():
+    dist = GaussianMixture(num_components=4, radius=2.0, std=0.4)
+    from lightning_diff.tv_study import _histogram_edges
+
+    edges = _histogram_edges(dist, 30)
+    probs = mixture_cell_probabilities(dist, edges)
+    assert probs.sum() == pytest.approx(1.0, abs=1e-6)
+    draws = dist.sample(200_000, torch.Generator().manual_seed(0)).double().numpy()
+    floor = histogram_tv(draws, probs, edges)
+    assert floor < 0.05
+    # a shifted mixture is far, an exact draw is near
+    assert histogram_tv(draws + 0.5, probs, edges) > 5 * floor
+    options = {"num_samples": 20_000, "seed": 0, "bins": 20}
+    row = run_cell(
+        dist, sampler("euler_maruyama", 100), Cell("euler_maruyama", 100, 0.0, 20.0), 0.1, 1e-3, options
+    )
+    coarse = run_cell(
+        dist, sampler("euler_maruyama", 5), Cell("euler_maruyama", 5, 0.0, 20.0), 0.1, 1e-3, options
+    )
+    assert row["tv"] < 2 * row["tv_floor"] < coarse["tv"]
+
+
+def test_ld_tv_writes_rows_summary_and_figures(tmp_path):
+    out = tmp_path / "tv.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_diff.cli.tv",
+        f"out={out}",
+        "data.distribution.dim=1",
+        "samplers=[ancestral,euler_maruyama]",
+        "steps=[10,20,40,80]",
+        "score_errors=[0.01,0.1]",
+        "horizons=[2.0]",
+        "reference.steps=80",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert {r["sampler"] for r in rows} == {"ancestral", "euler_maruyama"}
+    assert len(rows) == 2 * (4 + 2 + 1)
+    for r in rows:
+        assert {"sampler", "steps", "score_error", "horizon", "tv", "kl", "bound", "tv_method"} <= set(r)
+    slope = result["summary"]["euler_maruyama"]["step_size_slope"]
+    assert 0.7 < slope["slope"] < 1.3  # first order in the step size
+    for key in ("steps", "score_error"):
+        assert (tmp_path / f"tv_tv_vs_{key}.png").is_file()
+
+
+def test_ld_tv_bad_input_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "lightning_diff.cli.tv", f"out={tmp_path / 'x.json'}", "samplers=[nope]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no sampler 'nope'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), [("data=moons", "known density"), ("design=full", "design=")]
+)
+def test_ld_tv_rejects_unknown_densities_and_designs(tmp_path, override, message):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_diff.cli import CONF_DIR
+    from lightning_diff.cli.tv import study
+    from lightning_diff.errors import ConfigError
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "tv",
+            overrides=[
+                override,
+                f"out={tmp_path / 'x.json'}",
+                "steps=[5]",
+                "score_errors=[]",
+                "horizons=[]",
+                "reference.steps=5",
+                "samplers=[ddim]",
+            ],
+        )
+    with pytest.raises(ConfigError, match=message):
+        study(cfg)
