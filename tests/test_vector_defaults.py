@@ -50,7 +50,7 @@ FAMILIES = {
 # undamped at low noise, where D must be the identity (edm's c_skip carries it there): 0.06-0.20.
 # DDIM-50 adds its own discretisation error (0.07-0.08 with the exact denoiser, bench/sampler_accuracy.py).
 COV_TOLERANCE = {"ddpm_x0": 0.3, "ddim": 0.2}
-ALL_SAMPLERS = ["heun", "ddim", "ancestral", "euler_maruyama", "exponential", "pc", "ode"]
+ALL_SAMPLERS = ["heun", "ddim", "ancestral", "euler_maruyama", "pc", "ode"]
 # Every family meets the default sampler (heun) and every sampler meets two families; the full
 # matrix, with three seeds, is bench/vector_matrix.py's (its table is in the README).
 CELLS = [
