@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from families import EVALUATION_SEED, FIT_SIGMA, mean_std, summary, train_run  # noqa: E402
+from families import EVALUATION_SEED, FIT_SIGMA, mean_std, summary, train_run, train_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NEURAL = (10, 20, 50, 100, 200, 500, 1000, 2000, 3000)
@@ -76,12 +76,6 @@ def train(data: str, family: str, size: str, seed: int, run_dir: Path) -> None:
         f"+callbacks.curve.steps=[{steps}]",
     )
     print(f"{data} {family} seed {seed}: trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-
-
-def train_seconds(path: Path) -> float:
-    state = torch.load(path, map_location="cpu", weights_only=False)["callbacks"]
-    timer = next(v for k, v in state.items() if k.startswith("Timer"))
-    return float(timer["time_elapsed"]["train"])
 
 
 def setup_seconds(data: str, size: str, seed: int) -> float:
