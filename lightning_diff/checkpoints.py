@@ -74,8 +74,55 @@ def stored_config(meta: dict[str, Any]) -> DictConfig:
     return cfg
 
 
+WANDB_PREFIX = "wandb:"
+
+
+def artifact_cache() -> Path:
+    """Where ``ckpt=wandb:...`` downloads go: ``$LD_CACHE_DIR/artifacts``, by default under
+    ``~/.cache/lightning_diff``."""
+    return Path(os.environ.get("LD_CACHE_DIR", "~/.cache/lightning_diff")).expanduser() / "artifacts"
+
+
+def fetch_checkpoint(ckpt: str | Path) -> Path:
+    """A local file for ``ckpt``: the path itself, or for ``wandb:<entity>/<project>/<artifact>:<alias>``
+    the ``model.ckpt`` of that wandb Artifact (as ``logger.wandb.log_model`` stores them), downloaded
+    once per version to ``<cache>/<entity>/<project>/<artifact>-<version>/checkpoints/``."""
+    text = str(ckpt)
+    if not text.startswith(WANDB_PREFIX):
+        return Path(text)
+    name = text.removeprefix(WANDB_PREFIX)
+    if name.count("/") != 2 or ":" not in name.rsplit("/", 1)[-1]:
+        raise CheckpointError(
+            f"ckpt={text}: write ckpt=wandb:<entity>/<project>/<artifact>:<alias>, "
+            "for example wandb:me/lightning_diff/model-abc123:latest"
+        )
+    from lightning_diff.loggers import WANDB_HOST, has_wandb_key, reachable
+
+    if not has_wandb_key():
+        raise CheckpointError(f"ckpt={text} needs a wandb key: run `wandb login` or set WANDB_API_KEY")
+    if not reachable(WANDB_HOST):
+        raise CheckpointError(f"ckpt={text}: {WANDB_HOST} cannot be reached; download it where it can")
+    import wandb
+
+    try:
+        artifact = wandb.Api(timeout=60).artifact(name, type="model")
+        entity, project, _ = name.split("/")
+        root = artifact_cache() / entity / project / artifact.name.replace(":", "-") / "checkpoints"
+        path = root / "model.ckpt"
+        if not path.is_file():
+            artifact.download(root=str(root))
+    except Exception as err:  # wandb raises its own errors, requests' and ValueError for bad names
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"ckpt={text}: wandb could not give the artifact ({first[:160]})") from err
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={text}: the artifact has no model.ckpt (not logged by ld-train)")
+    return path
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DiffusionModule, DictConfig]:
-    """Rebuild the model of a checkpoint from the config stored in it, with raw and EMA weights loaded."""
+    """Rebuild the model of a checkpoint from the config stored in it, with raw and EMA weights loaded.
+    ``path`` may name a wandb Artifact (:func:`fetch_checkpoint`)."""
+    path = fetch_checkpoint(path)
     ckpt = read_checkpoint(path)
     meta = ckpt[CHECKPOINT_KEY]
     cfg = stored_config(meta)

@@ -9,15 +9,18 @@ import secrets
 import socket
 import string
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import open_dict
+
+from lightning_diff.errors import ConfigError
 
 WANDB_ID_FILE = "wandb_id.txt"
 WANDB_HOST = "api.wandb.ai"
 
 
-def _has_wandb_key() -> bool:
+def has_wandb_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -26,7 +29,7 @@ def _has_wandb_key() -> bool:
         return False
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -45,7 +48,7 @@ def wandb_mode(mode: str = "auto") -> str:
     env = os.environ.get("WANDB_MODE")
     if env:
         return env
-    return "online" if _has_wandb_key() and _reachable(WANDB_HOST) else "offline"
+    return "online" if has_wandb_key() and reachable(WANDB_HOST) else "offline"
 
 
 def run_id(run_dir: str | Path) -> str:
@@ -63,6 +66,70 @@ def run_id(run_dir: str | Path) -> str:
     return new_id
 
 
+class RunWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` with checkpoints as Artifacts that work offline and say what they hold.
+
+    ``log_model``: ``False`` (default), ``"all"`` (every checkpoint as it is written) or ``True``
+    (at the end of a successful ``fit``, every checkpoint not logged yet), as in Lightning, with two
+    differences:
+
+    * offline runs keep their Artifacts (wandb stores them with the run; ``wandb sync`` uploads
+      them), where Lightning refuses ``log_model`` with ``offline=True``;
+    * each Artifact (type ``model``, one file ``model.ckpt``, named ``model-<run id>``) carries the
+      checkpoint's ``step``, ``epoch`` and logged ``metrics`` as metadata (recorded by
+      :class:`~lightning_diff.callbacks.RunCheckpoint`), with aliases ``latest`` on the newest,
+      ``step<N>``, and ``best`` on the best checkpoint of a monitored metric or on the end-of-fit
+      checkpoint of a run whose best weights were restored (``callbacks.best_weights``).
+
+    wandb is not handed the deprecated ``anonymous`` setting (Lightning passes it even when unset, and
+    wandb warns about it at every run).
+    """
+
+    def __init__(self, *args: Any, log_model: bool | str = False, **kwargs: Any):
+        if log_model not in (False, True, "all"):
+            raise ConfigError(f"logger.wandb.log_model={log_model!r}: use false, true or all")
+        super().__init__(*args, log_model=False, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+        self._artifacts_mode = log_model
+        self._pending: dict[int, Any] = {}
+        self._logged_states: set[tuple[Any, Any]] = set()  # (step, best weights) already uploaded
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        if self._artifacts_mode == "all":
+            self._log_checkpoints(checkpoint_callback)
+        elif self._artifacts_mode:
+            self._pending[id(checkpoint_callback)] = checkpoint_callback
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status == "success" and self._experiment is not None:
+            for callback in self._pending.values():
+                self._log_checkpoints(callback)
+
+    def _log_checkpoints(self, checkpoint_callback: Any) -> None:
+        import wandb
+        from lightning.pytorch.loggers.utilities import _scan_checkpoints
+
+        saved = getattr(checkpoint_callback, "saved_meta", {})
+        best_path = getattr(checkpoint_callback, "best_model_path", "")
+        monitored = getattr(checkpoint_callback, "monitor", None) is not None
+        for mtime, path, _, _ in _scan_checkpoints(checkpoint_callback, self._logged_model_time):
+            meta = {**saved.get(str(path), {}), "original_filename": Path(path).name}
+            self._logged_model_time[path] = mtime
+            held = (meta.get("step"), meta.get("best_weights"))
+            if held[0] is not None and held in self._logged_states:
+                continue  # last.ckpt repeating the periodic checkpoint of the same step
+            self._logged_states.add(held)
+            aliases = ["latest"]
+            if meta.get("step") is not None:
+                aliases.append(f"step{meta['step']}")
+            if (monitored and path == best_path) or meta.get("best_weights"):
+                aliases.append("best")
+            artifact = wandb.Artifact(name=f"model-{self.experiment.id}", type="model", metadata=meta)
+            artifact.add_file(path, name="model.ckpt", policy=self.add_file_policy)
+            self.experiment.log_artifact(artifact, aliases=aliases)
+
+
 def make_wandb_logger(
     save_dir: str,
     project: str = "lightning_diff",
@@ -71,11 +138,13 @@ def make_wandb_logger(
     entity: str | None = None,
     tags: list[str] | None = None,
     group: str | None = None,
-) -> WandbLogger:
-    """A :class:`WandbLogger` in ``mode`` (auto/online/offline/disabled) resuming the run directory's id."""
+    log_model: bool | str = False,
+) -> RunWandbLogger:
+    """A :class:`RunWandbLogger` in ``mode`` (auto/online/offline/disabled) resuming the run directory's
+    id; ``log_model`` as there."""
     resolved = wandb_mode(mode)
     os.environ.setdefault("WANDB_SILENT", "true")
-    return WandbLogger(
+    return RunWandbLogger(
         project=project,
         name=name,
         save_dir=save_dir,
@@ -86,7 +155,7 @@ def make_wandb_logger(
         entity=entity,
         tags=list(tags) if tags else None,
         group=group,
-        log_model=False,
+        log_model=log_model,
     )
 
 

@@ -109,6 +109,23 @@ def test_mixture_denoiser_gives_the_gradient_of_the_noisy_log_density(sigma):
     torch.testing.assert_close(den.score(x.detach(), sigma), grad, atol=1e-8, rtol=1e-8)
 
 
+def test_axis_aligned_mixture_denoiser_gives_the_gradient_of_the_noisy_log_density():
+    """The diagonal fast path, with a different noise level on every row."""
+    gen = torch.Generator().manual_seed(2)
+    means = torch.randn(4, 3, generator=gen, dtype=torch.float64) * 2
+    variances = torch.rand(4, 3, generator=gen, dtype=torch.float64) + 0.05
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    den = GaussianMixtureDenoiser(means, torch.diag_embed(variances), weights)
+    assert den.diagonal
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64) * 2
+    sigma = torch.logspace(-2, 1, 12, dtype=torch.float64)
+    x.requires_grad_(True)
+    comps = torch.distributions.Normal(means, (variances + sigma[:, None, None] ** 2).sqrt())
+    logp = torch.logsumexp(weights.log() + comps.log_prob(x[:, None]).sum(-1), dim=1)
+    (grad,) = torch.autograd.grad(logp.sum(), x)
+    torch.testing.assert_close(den.score(x.detach(), sigma), grad, atol=1e-8, rtol=1e-8)
+
+
 def test_isotropic_mixture_and_single_component_agree_with_the_gaussian():
     x = torch.randn(8, 2, dtype=torch.float64)
     one = GaussianMixtureDenoiser(MEAN[None], COV[None])

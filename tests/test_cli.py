@@ -14,6 +14,7 @@ import torch
 from conftest import compose_named, compose_train
 from hydra.utils import instantiate
 from omegaconf import open_dict
+from wandb_records import history
 
 from lightning_diff.checkpoints import load_model
 from lightning_diff.cli.evaluate import evaluate
@@ -189,9 +190,14 @@ def test_reference_statistics_are_cached_and_reused(tmp_path, monkeypatch):
 def test_eval_logs_to_an_offline_wandb_run(ckpt, tmp_path):
     out = tmp_path / "m.json"
     overrides = [f"ckpt={ckpt}", "num_samples=8", f"out={out}", "wandb.enabled=true", "wandb.mode=offline"]
-    evaluate(compose_named("eval", overrides))
+    metrics = evaluate(compose_named("eval", overrides))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert len(runs) == 1
+    (log,) = runs[0].glob("*.wandb")
+    logged = history(log)
+    key = next(k for k in metrics if k.endswith("_vs_heldout"))
+    assert logged[f"eval/{key}"] == pytest.approx(metrics[key])  # the numbers ld-eval wrote, in the run
+    assert logged["eval/samples"]["_type"] == "table-file" and logged["eval/samples"]["nrows"] == 8
 
 
 def test_sample_exact_draws_a_closed_form_model_and_refuses_a_network(ckpt, tmp_path):

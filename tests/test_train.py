@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import compose_train
+from lightning.pytorch.loggers import WandbLogger
 
 from lightning_diff.checkpoints import read_checkpoint
 from lightning_diff.cli.train import train
@@ -135,7 +136,7 @@ def test_resume_continues_step_counter_and_wandb_run(tmp_path):
     _, second = train(compose_train(base + ["trainer.max_steps=6", "resume=auto"], run_dir))
     assert second["trainer"].global_step == 6
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
-    wandb_logger = next(lg for lg in second["trainer"].loggers if type(lg).__name__ == "WandbLogger")
+    wandb_logger = next(lg for lg in second["trainer"].loggers if isinstance(lg, WandbLogger))
     assert wandb_logger.version == run_id
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 6

@@ -14,17 +14,29 @@ from scipy import integrate, stats
 
 from lightning_diff.data.distributions import Gaussian, GaussianMixture
 from lightning_diff.diffusion import VPSDE, Sampler
+from lightning_diff.diffusion.closed_form import GaussianMixtureDenoiser
 from lightning_diff.diffusion.denoisers import GaussianDenoiser
 from lightning_diff.diffusion.propagate import gaussian_output
 from lightning_diff.diffusion.sde_samplers import sample_exponential
 from lightning_diff.diffusion.tv_bound import (
     PerturbedDenoiser,
     discretisation_kl,
+    horizon_term,
+    mc_discretisation_kl,
+    mc_final_step_term,
+    mc_horizon_term,
     ve_drift_gap,
     vp_score_gap,
 )
 from lightning_diff.metrics.gaussian_tv import gaussian_kl, gaussian_tv_1d, gaussian_tv_mc
-from lightning_diff.tv_study import Cell, histogram_tv, mixture_cell_probabilities, run_cell
+from lightning_diff.tv_study import (
+    Cell,
+    draw_mixture,
+    histogram_tv,
+    mixture_cell_probabilities,
+    noisy_mixture_log_prob,
+    run_cell,
+)
 
 MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)
 COV = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
@@ -190,11 +202,15 @@ def test_mixture_cells_against_exact_cell_probabilities():
     probs = mixture_cell_probabilities(dist, edges)
     assert probs.sum() == pytest.approx(1.0, abs=1e-6)
     draws = dist.sample(200_000, torch.Generator().manual_seed(0)).double().numpy()
-    floor = histogram_tv(draws, probs, edges)
+
+    def freq(x):
+        return np.histogramdd(x, bins=edges)[0] / len(x)
+
+    floor = histogram_tv(freq(draws), probs)
     assert floor < 0.05
     # a shifted mixture is far, an exact draw is near
-    assert histogram_tv(draws + 0.5, probs, edges) > 5 * floor
-    options = {"num_samples": 20_000, "seed": 0, "bins": 20}
+    assert histogram_tv(freq(draws + 0.5), probs) > 5 * floor
+    options = {"num_samples": 20_000, "seed": 0, "bins": 20, "bound_samples": 512}
     row = run_cell(
         dist, sampler("euler_maruyama", 100), Cell("euler_maruyama", 100, 0.0, 20.0), 0.1, 1e-3, options
     )
@@ -202,6 +218,65 @@ def test_mixture_cells_against_exact_cell_probabilities():
         dist, sampler("euler_maruyama", 5), Cell("euler_maruyama", 5, 0.0, 20.0), 0.1, 1e-3, options
     )
     assert row["tv"] < 2 * row["tv_floor"] < coarse["tv"]
+    for r in (row, coarse):
+        assert r["bound"] is not None and r["within_bound"], r
+        assert r["bound_se"] < 0.05 * r["bound"]
+    assert coarse["discretisation_term"] > 3 * row["discretisation_term"]
+
+
+def _one_component(mean, variances):
+    """A Gaussian with diagonal covariance as a one-component mixture, with its exact denoiser."""
+    dist = GaussianMixture(means=[mean], covs=[np.diag(variances).tolist()])
+    return dist, GaussianMixtureDenoiser(dist.means, dist.covs, dist.weights)
+
+
+@pytest.mark.parametrize("scheme", ["euler_maruyama", "exponential"])
+def test_monte_carlo_girsanov_kl_equals_the_closed_form_on_a_gaussian(scheme):
+    dist, den = _one_component([0.5, -1.0], [0.3, 1.5])
+    sigmas = VPSDE(beta_min=0.1, beta_max=20.0, eps=1e-3).sampling_sigmas(12)
+    exact = discretisation_kl(torch.tensor([0.3, 1.5], dtype=torch.float64), sigmas, scheme)
+    kl, se = mc_discretisation_kl(
+        den, draw_mixture(dist), sigmas, scheme, 4000, torch.Generator().manual_seed(0)
+    )
+    assert se < 0.03 * exact
+    assert abs(kl - exact) < 4 * se
+
+
+def test_monte_carlo_horizon_term_equals_the_closed_form_on_a_gaussian():
+    dist, _ = _one_component([0.5, -1.0], [0.3, 1.5])
+    draws = draw_mixture(dist)(200_000, torch.Generator().manual_seed(0))
+    value, se = mc_horizon_term(dist.log_prob, draws, 3.0)
+    exact = horizon_term(dist.means[0], dist.covs[0], 3.0)
+    assert se < 0.01 * exact
+    assert abs(value - exact) < 4 * se
+
+
+def test_final_step_tv_through_the_change_of_variables():
+    """On a Gaussian the denoised output is N(m + shift, c^2 / (c + s^2)), TV exact in 1-D; on a
+    bimodal 1-D mixture, against quadrature of |p_s(x) - p(D(x)) D'(x)| with D' by finite differences."""
+    gen = torch.Generator().manual_seed(0)
+    dist, den = _one_component([0.4], [0.5])
+    s, shift = 0.3, torch.tensor([0.05], dtype=torch.float64)
+    noisy = draw_mixture(dist)(200_000, gen)
+    noisy = noisy + s * torch.randn(noisy.shape, generator=gen, dtype=torch.float64)
+    tv, se = mc_final_step_term(den, dist.log_prob, noisy_mixture_log_prob(dist, s), noisy, s, shift)
+    exact = gaussian_tv_1d(0.4, math.sqrt(0.5), 0.45, math.sqrt(0.25 / 0.59))  # c^2 / (c + s^2)
+    assert abs(tv - exact) < 4 * se and se < 0.02 * exact
+
+    dist = GaussianMixture(means=[[-1.0], [1.5]], stds=[0.3, 0.6], weights=[0.3, 0.7])
+    den = GaussianMixtureDenoiser(dist.means, dist.covs, dist.weights)
+    s = 0.5
+    noisy = draw_mixture(dist)(200_000, gen)
+    noisy = noisy + s * torch.randn(noisy.shape, generator=gen, dtype=torch.float64)
+    log_ps = noisy_mixture_log_prob(dist, s)
+    tv, se = mc_final_step_term(den, dist.log_prob, log_ps, noisy, s, torch.zeros(1, dtype=torch.float64))
+    x = torch.linspace(-8, 8, 200_001, dtype=torch.float64)[:, None]
+    y = den(x, torch.tensor(s))[:, 0]
+    slope_ = torch.gradient(y, spacing=(x[:, 0],))[0]
+    gap = (log_ps(x).exp() - dist.log_prob(y[:, None]).double().exp() * slope_).abs()
+    quadrature = 0.5 * float(torch.trapezoid(gap, x[:, 0]))
+    assert tv > 0.05
+    assert abs(tv - quadrature) < 4 * se
 
 
 def test_ld_tv_writes_rows_summary_and_figures(tmp_path):
@@ -264,3 +339,31 @@ def test_ld_tv_rejects_unknown_densities_and_designs(tmp_path, override, message
         )
     with pytest.raises(ConfigError, match=message):
         study(cfg)
+
+
+def test_a_gaussian_given_by_its_mean_and_covariance_takes_their_dimension(tmp_path):
+    """No data.distribution.dim needed: a 3-D mean and covariance make a 3-D study."""
+    from hydra import compose, initialize_config_dir
+
+    from lightning_diff.cli import CONF_DIR
+    from lightning_diff.cli.tv import study
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "tv",
+            overrides=[
+                "data.distribution.mean=[2.0,-1.0,0.5]",
+                "data.distribution.cov=[[2.0,0.5,0.0],[0.5,1.0,0.2],[0.0,0.2,0.3]]",
+                f"out={tmp_path / 'x.json'}",
+                "steps=[5]",
+                "score_errors=[]",
+                "horizons=[]",
+                "reference.steps=5",
+                "samplers=[exponential]",
+                "tv.num_samples=20000",
+                "figures=false",
+            ],
+        )
+    (row,) = study(cfg)["rows"]
+    assert row["draws"] > 0 and row["within_bound"] and 0 < row["tv"] < 1
+    assert json.loads((tmp_path / "x.json").read_text())["data"]["mean"] == [2.0, -1.0, 0.5]

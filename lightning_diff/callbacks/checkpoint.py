@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,23 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._saved_step: int | None = None
+        self._best_restored = False
+        #: Per written file: step, epoch, the logged metrics and whether it holds restored best
+        #: weights; what :class:`~lightning_diff.loggers.RunWandbLogger` puts on its Artifact.
+        self.saved_meta: dict[str, dict[str, Any]] = {}
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):
+                metrics[key] = float(value)
+        self.saved_meta[str(filepath)] = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "metrics": metrics,
+            "best_weights": self._best_restored,
+        }
+        super()._save_checkpoint(trainer, filepath)
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -35,6 +53,7 @@ class RunCheckpoint(ModelCheckpoint):
         """The module's weights changed after the last save (BestWeights restored others): the end of
         ``fit`` writes ``last.ckpt`` again."""
         self._saved_step = None
+        self._best_restored = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
@@ -43,4 +62,4 @@ class RunCheckpoint(ModelCheckpoint):
         if self._saved_step != trainer.global_step:
             path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
             self.last_model_path = str(path)  # part of the callback's state, so set before saving
-            trainer.save_checkpoint(path)
+            self._save_checkpoint(trainer, str(path))  # as Lightning saves: the loggers hear of it

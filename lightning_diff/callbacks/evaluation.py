@@ -7,12 +7,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from lightning_diff.callbacks.periodic import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.generation import gather_shards, generate, shard_indices
-from lightning_diff.metrics.pipeline import build_suite, inception, save_memorization_figures
+from lightning_diff.metrics.pipeline import (
+    build_suite,
+    inception,
+    memorization_rows,
+    save_memorization_figures,
+    wandb_table,
+)
 
 
 class SampleEvaluation(PeriodicCallback):
@@ -25,7 +32,9 @@ class SampleEvaluation(PeriodicCallback):
     metric (torchmetrics states reduced across ranks), do not depend on the number of processes.
     Every rank samples, updates and computes; rank 0 alone writes ``metrics.json`` and figures
     (histograms of the nearest-neighbour ratio and distance; generated images above their nearest
-    training images), and sends them to the loggers.
+    training images), and sends them to the loggers. With a wandb logger, ``table_rows`` of the most
+    memorized samples also go to wandb as the table ``eval/samples`` (each beside its nearest
+    training sample, with its distance ratio and copying cell: sortable in the UI); 0 turns it off.
     """
 
     def __init__(
@@ -42,6 +51,7 @@ class SampleEvaluation(PeriodicCallback):
         cache_dir: str | Path | None = None,
         figures_dir: str | Path | None = None,
         num_pairs: int = 8,
+        table_rows: int = 256,
     ):
         super().__init__(every_n_steps)
         self.metrics_path = Path(metrics_path)
@@ -55,6 +65,7 @@ class SampleEvaluation(PeriodicCallback):
         self.cache_dir = cache_dir
         self.figures_dir = Path(figures_dir) if figures_dir else self.metrics_path.parent / "eval"
         self.num_pairs = num_pairs
+        self.table_rows = table_rows
         self._suite = None
 
     def suite(self, trainer, device: torch.device):
@@ -107,4 +118,10 @@ class SampleEvaluation(PeriodicCallback):
         if trainer.is_global_zero:
             for path in figures:
                 log_image(trainer, f"eval/{path.stem.removesuffix('_' + tag)}", path)
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if wandb_loggers and self.table_rows > 0:  # the same on every rank: the rows are a collective
+            rows = memorization_rows(suite, samples, dm.train_tensor(), self.table_rows)
+            if trainer.is_global_zero:
+                for lg in wandb_loggers:
+                    lg.log_metrics({"eval/samples": wandb_table(rows)}, step=trainer.global_step)
         return metrics

@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lightning_diff.cli import one_line_errors
+from lightning_diff.cli import entry_point
 from lightning_diff.errors import ConfigError
 
 NOT_CURVES = {"epoch", "step"}
@@ -335,7 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@one_line_errors
+@entry_point
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None

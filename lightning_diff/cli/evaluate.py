@@ -3,13 +3,12 @@
 ``ld-eval ckpt=PATH`` samples ``num_samples`` and compares them with the run's held-out data;
 ``ld-eval samples=FILE.npy data=digits`` scores samples from any source. With a checkpoint,
 ``likelihood.enabled=true`` adds the held-out negative log-likelihood through the probability-flow
-ODE (bits/dim for images, nats/dim for vectors). Prints the metrics as JSON and writes them to
-``metrics.json`` (the run directory's, or ``out=``).
+ODE (bits/dim for images, nats/dim for vectors). Writes the metrics to ``metrics.json`` (the run
+directory's, or ``out=``) and ends with a summary: the files, the metrics as a table.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,13 +18,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_diff.checkpoints import load_model
-from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device
+from lightning_diff.checkpoints import fetch_checkpoint, load_model
+from lightning_diff.cli import CONF_DIR, entry_point, pick_device
 from lightning_diff.cli.sample import build_sampler
 from lightning_diff.errors import ConfigError, DataError
 from lightning_diff.generation import generate
 from lightning_diff.metrics.likelihood import heldout_data, likelihood_metrics, log_likelihoods
-from lightning_diff.metrics.pipeline import evaluate_samples, save_memorization_figures, write_metrics
+from lightning_diff.metrics.pipeline import (
+    evaluate_samples,
+    memorization_rows,
+    save_memorization_figures,
+    wandb_table,
+    write_metrics,
+)
+from lightning_diff.summary import run_summary
 
 log = logging.getLogger("lightning_diff.cli.evaluate")
 
@@ -57,8 +63,12 @@ def heldout_likelihood(cfg: DictConfig, model, datamodule) -> dict[str, float]:
     return likelihood_metrics(logp, nfe, tuple(datamodule.data_shape))
 
 
-def log_to_wandb(cfg: DictConfig, named: dict[str, float], figures: list[Path], save_dir: Path) -> None:
-    """One wandb run per evaluation: the resolved config, the metrics and the figures."""
+def log_to_wandb(
+    cfg: DictConfig, named: dict[str, float], figures: list[Path], save_dir: Path, table=None
+) -> str:
+    """One wandb run per evaluation: the resolved config, the metrics, the figures and the table of
+    the most memorized samples. Returns where the run is (its page, or the ``wandb sync`` command of
+    an offline run)."""
     import wandb
 
     from lightning_diff.loggers import wandb_mode
@@ -72,8 +82,12 @@ def log_to_wandb(cfg: DictConfig, named: dict[str, float], figures: list[Path], 
         config=OmegaConf.to_container(cfg, resolve=True),
         job_type="eval",
     )
-    run.log({**named, **{f"eval/{p.stem}": wandb.Image(str(p)) for p in figures}})
+    images = {f"eval/{p.stem}": wandb.Image(str(p)) for p in figures}
+    run.log({**named, **images, "eval/samples": table} if table is not None else {**named, **images})
+    folder = Path(run.dir).parent  # the run's files/ folder sits in the folder wandb sync takes
+    where = run.url if not run.offline else f"offline; upload with: wandb sync {folder}"
     run.finish()
+    return where
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -85,7 +99,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("likelihood.enabled=true needs a model: pass ckpt=PATH instead of samples=")
     extra: dict = {}
     if cfg.ckpt:
-        model, run_cfg = load_model(cfg.ckpt, pick_device(cfg.device))
+        local = fetch_checkpoint(cfg.ckpt)  # a path, or a wandb Artifact downloaded
+        model, run_cfg = load_model(local, pick_device(cfg.device))
         datamodule = instantiate(cfg.data) if cfg.get("data") else instantiate(run_cfg.data)
         datamodule.setup("fit")
         sampler = build_sampler(cfg, model)
@@ -101,7 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         extra = {"nfe": float(nfe)}
         if likelihood.get("enabled"):
             extra.update(heldout_likelihood(cfg, model, datamodule))
-        default_out = Path(cfg.ckpt).resolve().parent.parent / "metrics.json"
+        default_out = local.resolve().parent.parent / "metrics.json"
         meta = {
             "ckpt": str(cfg.ckpt),
             "step": getattr(model, "global_step_loaded", 0),
@@ -128,16 +143,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     figures = save_memorization_figures(
         suite, samples, datamodule.train_tensor(), out_path.parent / "eval", "ld_eval", cfg.num_pairs
     )
-    log.info("figures: %s", ", ".join(str(p) for p in figures))
+    wandb_where = None
     if cfg.get("wandb") and cfg.wandb.enabled:
-        log_to_wandb(cfg, named, figures, out_path.parent)
-    print(json.dumps(named, indent=2, sort_keys=True))
-    log.info("metrics written to %s", out)
+        rows = memorization_rows(suite, samples, datamodule.train_tensor(), cfg.wandb.table_rows)
+        wandb_where = log_to_wandb(cfg, named, figures, out_path.parent, wandb_table(rows) if rows else None)
+    source = f"{cfg.ckpt} (step {meta['step']})" if cfg.ckpt else str(cfg.samples)
+    title = f"ld-eval finished: {len(samples)} samples of {source}"
+    paths = {"metrics": out, "figures": figures[0].parent if figures else None}
+    log.info("%s", run_summary(title, paths, named, wandb_where))
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
-@one_line_errors
+@entry_point
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -14,11 +14,12 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_diff.checkpoints import load_model
-from lightning_diff.cli import CONF_DIR, one_line_errors, pick_device
+from lightning_diff.checkpoints import fetch_checkpoint, load_model
+from lightning_diff.cli import CONF_DIR, entry_point, pick_device
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.generation import generate
 from lightning_diff.plotting import save_samples_figure
+from lightning_diff.summary import run_summary
 
 log = logging.getLogger("lightning_diff.cli.sample")
 
@@ -33,7 +34,8 @@ def build_sampler(cfg: DictConfig, model) -> Sampler:
 
 def sample(cfg: DictConfig):
     """Load ``cfg.ckpt``, draw ``cfg.num_samples`` samples, save them to ``cfg.out``; returns the array."""
-    model, _ = load_model(cfg.ckpt, pick_device(cfg.device))
+    local = fetch_checkpoint(cfg.ckpt)  # a path, or a wandb Artifact downloaded
+    model, _ = load_model(local, pick_device(cfg.device))
     sampler = build_sampler(cfg, model)
     data_shape = tuple(model.run_meta["data_shape"])
     samples, nfe = generate(
@@ -45,19 +47,17 @@ def sample(cfg: DictConfig):
     np.save(out, array)
     if cfg.get("grid"):
         save_samples_figure(samples[:64], cfg.grid)
-    log.info(
-        "wrote %d samples %s to %s with %r (%d model evaluations each)",
-        len(array),
-        data_shape,
-        out,
-        sampler,
-        nfe,
+    title = (
+        f"ld-sample finished: {len(array)} samples {data_shape} of {cfg.ckpt} "
+        f"(step {model.global_step_loaded}) with {sampler!r}, {nfe} model evaluations each"
     )
+    paths = {"samples": out, "grid": cfg.get("grid") or None, "checkpoint": local}
+    log.info("%s", run_summary(title, paths))
     return array
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-@one_line_errors
+@entry_point
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

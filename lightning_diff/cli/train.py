@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -20,16 +21,17 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_diff.callbacks.best_weights import BestWeights
 from lightning_diff.callbacks.preemption import PreemptionCheckpoint
 from lightning_diff.checkpoints import AtomicCheckpointIO, build_family_net, find_last, read_checkpoint
-from lightning_diff.cli import CONF_DIR, one_line_errors
+from lightning_diff.cli import CONF_DIR, entry_point, launcher_plugin_required
 from lightning_diff.errors import ConfigError
-from lightning_diff.loggers import fill_wandb_labels, trim_csv_log
+from lightning_diff.loggers import WANDB_ID_FILE, data_name, family_name, fill_wandb_labels, trim_csv_log
+from lightning_diff.summary import latest_file, run_summary, wandb_line
 
 log = logging.getLogger("lightning_diff.cli.train")
 
@@ -150,6 +152,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             if preemption is None or preemption.stopped_by is None:
                 raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    url = wandb_url(loggers)
     finish_wandb(loggers)
     objects = {"model": model, "datamodule": datamodule, "trainer": trainer, "run_dir": run_dir}
     objects["stopped_by"] = preemption.stopped_by if preemption is not None else None
@@ -162,12 +165,43 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             preemption.path,
             run_dir,
         )
+    if trainer.is_global_zero:
+        log.info("%s", training_summary(objects, cfg, url))
     return metrics, objects
+
+
+def training_summary(objects: dict[str, Any], cfg: DictConfig, url: str | None) -> str:
+    """What a finished (or stopped) training run left and what its last evaluation said."""
+    run_dir, trainer = objects["run_dir"], objects["trainer"]
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    ending = f"stopped by {objects['stopped_by']}" if objects["stopped_by"] else "finished"
+    title = (
+        f"ld-train {ending}: {family_name(cfg.model)} on {data_name(cfg.data)}, step {trainer.global_step}"
+    )
+    paths = {
+        "run dir": run_dir,
+        "checkpoint": find_last(run_dir),
+        "samples": latest_file(run_dir / "samples", "*.png"),
+        "metrics": metrics_path if metrics else None,
+    }
+    return run_summary(title, paths, metrics, wandb_line(run_dir, run_id, url))
+
+
+def wandb_url(loggers: list[Any]) -> str | None:
+    """The page of an online wandb run (None offline or without wandb)."""
+    for lg in loggers:
+        run = getattr(lg, "_experiment", None) if isinstance(lg, WandbLogger) else None
+        if run is not None and not run.offline:  # an existing run only: never start one here
+            return run.url
+    return None
 
 
 def finish_wandb(loggers: list[Any]) -> None:
     """Close the wandb run, so that the next run of the same process (a Hydra multirun job) starts its own."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
         if wandb.run is not None:
@@ -202,8 +236,9 @@ def multirun_run_dir(cfg: DictConfig) -> None:
         cfg.run_dir = hydra_cfg.runtime.output_dir
 
 
+@launcher_plugin_required
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-@one_line_errors
+@entry_point
 def main(cfg: DictConfig) -> None:
     multirun_run_dir(cfg)
     _, objects = train(cfg)

@@ -18,7 +18,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_diff.cli import CONF_DIR, one_line_errors
+from lightning_diff.cli import CONF_DIR, entry_point
 from lightning_diff.errors import ConfigError
 from lightning_diff.tv_study import cells, figures, run_cell, summarise
 
@@ -73,7 +73,7 @@ def study(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="tv")
-@one_line_errors
+@entry_point
 def main(cfg: DictConfig) -> None:
     study(cfg)
 

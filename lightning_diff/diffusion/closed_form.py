@@ -127,6 +127,10 @@ class GaussianMixtureDenoiser(Denoiser):
         weights = torch.ones(num) if weights is None else torch.as_tensor(weights)
         weights = weights.to(torch.float64)
         lam, U = torch.linalg.eigh((covs + covs.transpose(1, 2)) / 2)
+        diagonal = covs.diagonal(dim1=1, dim2=2)
+        # Axis-aligned components in few dimensions skip the eigenbasis (see _diagonal_forward).
+        self.diagonal = dim <= 16 and bool(torch.equal(covs, torch.diag_embed(diagonal)))
+        self.register_buffer("variances", diagonal.clamp(min=0))
         self.register_buffer("means", means)
         self.register_buffer("log_weights", (weights / weights.sum()).log())
         self.register_buffer("eigvals", lam.clamp(min=0))
@@ -168,6 +172,8 @@ class GaussianMixtureDenoiser(Denoiser):
         sigma = as_sigma_batch(sigma, x).to(torch.float64)
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         dim = flat.shape[1]
+        if self.diagonal:
+            return self._diagonal_forward(flat, sigma).reshape(x.shape).to(x.dtype)
         var = self.eigvals[None] + sigma[:, None, None] ** 2  # (B, K, d)
         # Coordinates of x - m_k in component k's eigenbasis: (B, K, d).
         coeff = torch.einsum("bkd,kde->bke", flat[:, None] - self.means[None], self.eigvecs)
@@ -177,6 +183,24 @@ class GaussianMixtureDenoiser(Denoiser):
         denoised = self.means[None] + torch.einsum("bke,kde->bkd", shrunk, self.eigvecs)
         out = (resp[..., None] * denoised).sum(1)
         return out.reshape(x.shape).to(x.dtype)
+
+    def _diagonal_forward(self, flat: Tensor, sigma: Tensor) -> Tensor:
+        """Axis-aligned components, one coordinate at a time over ``(B, K)`` arrays (several times
+        faster than reductions over a short last axis)."""
+        if bool((sigma == sigma[0]).all()):  # one noise level (a sampler's step): (1, K) variances
+            sigma = sigma[:1]
+        s2 = sigma[:, None] ** 2
+        var = [self.variances[:, j] + s2 for j in range(flat.shape[1])]  # each (B or 1, K)
+        diffs = [flat[:, j, None] - self.means[:, j] for j in range(flat.shape[1])]
+        logits = (self.log_weights - 0.5 * sum(v.log() for v in var)).expand_as(diffs[0]).clone()
+        for v, diff in zip(var, diffs, strict=True):
+            logits.sub_(0.5 * diff.square() / v)  # 2 pi cancels in the softmax
+        logits = (logits - logits.amax(1, keepdim=True).detach()).exp()  # the shift cancels below
+        norm = logits.sum(1)
+        out = torch.empty_like(flat)
+        for j, (v, diff) in enumerate(zip(var, diffs, strict=True)):
+            out[:, j] = (logits * (self.means[:, j] + diff * (self.variances[:, j] / v))).sum(1) / norm
+        return out
 
 
 class EmpiricalDenoiser(Denoiser):

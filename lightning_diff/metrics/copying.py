@@ -153,6 +153,13 @@ class DataCopying(Metric):
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
             return self.per_cell()
 
+    def sample_cells(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cell of every sample (update order) and each cell's ``z`` (NaN where it does not
+        count), gathered: a collective under DDP, call on every rank."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+            cell = dim_zero_cat(self.cell).long().cpu().numpy()
+            return cell, self.per_cell()["z"]
+
     def compute(self) -> dict[str, Tensor]:
         cells = self.per_cell()
         used = cells["used"]

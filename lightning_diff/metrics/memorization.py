@@ -123,6 +123,13 @@ class Memorization(Metric):
             out["nn1_heldout"] = np.histogram(held, bins=bins, range=(0.0, top))
         return out
 
+    def per_sample(self) -> tuple[Tensor, Tensor, Tensor]:
+        """NN1 distance, NN1 / NN2 ratio and NN1 training index of every sample, in update order
+        (gathered: a collective under DDP, call on every rank)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+            nn1, ratio, index = self._gathered()
+        return nn1.cpu(), ratio.cpu(), index.cpu()
+
     def pairs(self, k: int = 8) -> tuple[Tensor, Tensor]:
         """The ``k`` most memorized samples (smallest ratio first): their positions among all samples
         in update order, and the indices of their nearest training samples."""

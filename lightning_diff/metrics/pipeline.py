@@ -84,6 +84,53 @@ def evaluate_samples(
     return values, suite
 
 
+#: The columns of :func:`memorization_rows`.
+TABLE_COLUMNS = [
+    "sample",
+    "nearest_training",
+    "sample_index",
+    "training_index",
+    "nn1",
+    "nn1_nn2_ratio",
+    "memorized",
+    "copying_cell",
+    "cell_z",
+]
+
+
+def memorization_rows(
+    suite: EvaluationSuite, samples: Tensor, train: Tensor, max_rows: int = 256
+) -> list[list]:
+    """The ``max_rows`` most memorized samples (smallest NN1 / NN2 ratio first), each beside its nearest
+    training sample, with its NN1 distance, ratio, whether it counts as memorized, its data-copying
+    cell and that cell's ``z`` (negative: closer to the training set than held-out data are; NaN where
+    the cell does not count). Columns :data:`TABLE_COLUMNS`; the first two are tensors. Reads gathered
+    states, so under DDP every rank calls it."""
+    nn1, ratio, index = suite.memorization.per_sample()
+    cells = suite.copying.sample_cells() if suite.copying is not None else None
+    rows = []
+    for i in ratio.argsort(stable=True)[: max(int(max_rows), 0)].tolist():
+        j = int(index[i])
+        cell = int(cells[0][i]) if cells is not None else None
+        z = float(cells[1][cell]) if cells is not None else None
+        memorized = bool(ratio[i] < suite.memorization.threshold)
+        rows.append([samples[i], train[j], i, j, float(nn1[i]), float(ratio[i]), memorized, cell, z])
+    return rows
+
+
+def wandb_table(rows: list[list]):
+    """A ``wandb.Table`` of :func:`memorization_rows`: images as ``wandb.Image``, vectors as lists."""
+    import wandb
+
+    def cell(x: Tensor):
+        if x.ndim == 3:  # C x H x W in [-1, 1]
+            pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+            return wandb.Image(pixels.squeeze(-1).numpy() if pixels.shape[-1] == 1 else pixels.numpy())
+        return [float(v) for v in x.reshape(-1)]
+
+    return wandb.Table(columns=TABLE_COLUMNS, data=[[cell(r[0]), cell(r[1]), *r[2:]] for r in rows])
+
+
 def save_memorization_figures(
     suite: EvaluationSuite,
     samples: Tensor,
