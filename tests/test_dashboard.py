@@ -23,7 +23,7 @@ import matplotlib
 import pytest
 from conftest import compose_named
 
-from lightning_diff import dashboard as dash
+from lightning_diff import dashboard_spec as dash
 from lightning_diff import loggers
 from lightning_diff.cli.dashboard import dashboard
 from lightning_diff.errors import ConfigError

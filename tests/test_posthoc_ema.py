@@ -15,7 +15,7 @@ import torch
 from conftest import compose_named, compose_train
 from omegaconf import open_dict
 
-from lightning_diff.callbacks.posthoc_ema import (
+from lightning_diff.callbacks.ema_snapshots import (
     PosthocEMA,
     gamma_to_sigma_rel,
     posthoc_coefficients,

@@ -5,7 +5,7 @@
     ld-dashboard mode=online entity=my-team       # with WANDB_API_KEY set (or after wandb login)
     ld-dashboard mode=online from_spec=dashboard.json   # upload a spec written offline
 
-``conf/dashboard.yaml`` lists the options; :mod:`lightning_diff.dashboard` says what each section
+``conf/dashboard.yaml`` lists the options; :mod:`lightning_diff.dashboard_spec` says what each section
 plots and from which logged keys.
 """
 
@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lightning_diff.cli import CONF_DIR, entry_point
-from lightning_diff.dashboard import build_dashboard, kind_of, read_spec, resolve_mode, upload, write_spec
+from lightning_diff.dashboard_spec import build_dashboard, kind_of, read_spec, resolve_mode, upload, write_spec
 from lightning_diff.errors import ConfigError
 
 log = logging.getLogger("lightning_diff.cli.dashboard")

@@ -3,11 +3,11 @@
     ld-posthoc-ema ckpt=runs/x/checkpoints/last.ckpt sigma_rel=0.08 out=runs/x/last-ema0.08.ckpt
     ld-sample ckpt=runs/x/last-ema0.08.ckpt          # and ld-eval: it is an ordinary checkpoint
 
-Reads the snapshots that :class:`~lightning_diff.callbacks.posthoc_ema.PosthocEMA` wrote during
+Reads the snapshots that :class:`~lightning_diff.callbacks.ema_snapshots.PosthocEMA` wrote during
 training (``<run_dir>/posthoc_ema/``, the run directory being the one ``ckpt`` lies in, or the one
 recorded in it; ``snapshots=DIR`` names another), rebuilds the power-function EMA of width
 ``sigma_rel`` at the checkpoint's step from those taken at or before it (Karras et al. 2024, App. C.2;
-see :func:`~lightning_diff.callbacks.posthoc_ema.reconstruct`), and writes a copy of ``ckpt`` whose
+see :func:`~lightning_diff.callbacks.ema_snapshots.reconstruct`), and writes a copy of ``ckpt`` whose
 ``ema.module.*`` weights are the rebuilt ones. Raw weights, optimiser, config and everything else are
 unchanged; the run metadata gains a ``posthoc_ema`` entry (width, snapshot steps, coefficients, fit
 residual).
@@ -22,7 +22,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from lightning_diff.callbacks.posthoc_ema import reconstruct, sigma_rel_to_gamma
+from lightning_diff.callbacks.ema_snapshots import reconstruct, sigma_rel_to_gamma
 from lightning_diff.checkpoints import AtomicCheckpointIO, read_checkpoint
 from lightning_diff.cli import CONF_DIR, entry_point
 from lightning_diff.errors import CheckpointError, ConfigError

@@ -287,7 +287,7 @@ class PosthocEMA(L.Callback):
         self.start_step = 0
         self._saved_step: int | None = None
         self._loaded: dict[str, Any] | None = None
-        self._trainer: L.Trainer | None = None
+        self._fit_trainer: L.Trainer | None = None
         self._net: nn.Module | None = None
 
     @staticmethod
@@ -298,7 +298,7 @@ class PosthocEMA(L.Callback):
         if stage == "fit":
             if not isinstance(getattr(pl_module, "net", None), nn.Module):
                 raise ConfigError("callbacks.posthoc_ema averages pl_module.net: this model has no net")
-            self._trainer = trainer
+            self._fit_trainer = trainer
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._net = pl_module.net
@@ -330,7 +330,7 @@ class PosthocEMA(L.Callback):
 
     def _catch_up(self) -> None:
         """Apply the update of the step just taken, if not applied yet."""
-        trainer, net = self._trainer, self._net
+        trainer, net = self._fit_trainer, self._net
         if self.profiles is None or trainer is None or net is None or trainer.global_step <= self.step:
             return
         t = trainer.global_step
@@ -350,7 +350,7 @@ class PosthocEMA(L.Callback):
             self._save_snapshot(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._trainer = self._net = None
+        self._fit_trainer = self._net = None
 
     def _save_snapshot(self, trainer: L.Trainer) -> None:
         if self.profiles is None or self.step == 0 or self._saved_step == self.step:
