@@ -17,7 +17,14 @@ import hydra
 from omegaconf import DictConfig
 
 from lightning_diff.cli import CONF_DIR, entry_point
-from lightning_diff.dashboard_spec import build_dashboard, kind_of, read_spec, resolve_mode, upload, write_spec
+from lightning_diff.dashboard_spec import (
+    build_dashboard,
+    kind_of,
+    read_spec,
+    resolve_mode,
+    upload,
+    write_spec,
+)
 from lightning_diff.errors import ConfigError
 
 log = logging.getLogger("lightning_diff.cli.dashboard")
