@@ -29,19 +29,21 @@ from torch import Tensor
 
 from lightning_diff.data.distributions import Gaussian, GaussianMixture
 from lightning_diff.diffusion.closed_form import GaussianMixtureDenoiser
-from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser
+from lightning_diff.diffusion.denoisers import GaussianDenoiser
 from lightning_diff.diffusion.propagate import gaussian_output
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.diffusion.sdes import VPSDE
 from lightning_diff.diffusion.tv_bound import (
     BOUNDED,
     PerturbedDenoiser,
+    ScoreError,
     bound_terms,
     held_score_kl,
     mc_discretisation_kl,
     mc_final_step_term,
     mc_horizon_term,
     ou_horizon,
+    path_term,
     score_kl,
 )
 from lightning_diff.errors import ConfigError
@@ -81,17 +83,36 @@ def cells(design: str, samplers, steps, score_errors, horizons, reference: dict[
     return out
 
 
-def _rms_one(dim: int) -> Tensor:
-    return torch.ones(dim, dtype=torch.float64)
+def mixture_moments(dist: GaussianMixture) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of a Gaussian mixture."""
+    w, means = dist.weights.double(), dist.means.double()
+    mean = w @ means
+    centred = means - mean
+    cov = torch.einsum("k,kij->ij", w, dist.covs.double()) + torch.einsum("k,ki,kj->ij", w, centred, centred)
+    return mean, cov
+
+
+def score_error(dist, kind: str, seed: int) -> ScoreError:
+    """The injected error's shape (``perturbation`` in ``conf/tv.yaml``) for ``dist``."""
+    mean, cov = (dist.mean, dist.cov) if isinstance(dist, Gaussian) else mixture_moments(dist)
+    try:
+        return ScoreError.named(kind, mean.double(), cov.double(), seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def gaussian_cell(
-    dist: Gaussian, sampler: Sampler, name: str, cell: Cell, schedule: VPSDE, tv_options: dict
+    dist: Gaussian,
+    sampler: Sampler,
+    name: str,
+    cell: Cell,
+    schedule: VPSDE,
+    tv_options: dict,
+    error: ScoreError,
 ) -> dict[str, Any]:
     mean, cov = dist.mean.double(), dist.cov.double()
     dim = mean.numel()
-    direction = _rms_one(dim)
-    denoiser = PerturbedDenoiser(GaussianDenoiser(mean, cov), cell.score_error, direction)
+    denoiser = PerturbedDenoiser(GaussianDenoiser(mean, cov), cell.score_error, error)
     out_mean, out_cov, draws = gaussian_output(sampler, denoiser, schedule, dim)
     row: dict[str, Any] = {"draws": draws}
     if dim == 1:
@@ -106,7 +127,7 @@ def gaussian_cell(
         row["tv"], row["tv_se"], row["tv_method"] = tv, se, "monte_carlo"
     row["kl"] = gaussian_kl(mean, cov, out_mean, out_cov)
     sigmas = schedule.sampling_sigmas(sampler.num_steps, sampler.spacing)
-    row.update(bound_terms(mean, cov, sigmas, name, cell.score_error, direction))
+    row.update(bound_terms(mean, cov, sigmas, name, cell.score_error, error))
     return row
 
 
@@ -159,23 +180,28 @@ def noisy_mixture_log_prob(dist: GaussianMixture, sigma: float):
 
 
 def mixture_bound_terms(
-    dist: GaussianMixture, denoiser: Denoiser, sigmas: Tensor, scheme: str, cell: Cell, tv_options: dict
+    dist: GaussianMixture,
+    denoiser: PerturbedDenoiser,
+    sigmas: Tensor,
+    scheme: str,
+    cell: Cell,
+    tv_options: dict,
 ) -> dict[str, Any]:
     """The terms of :func:`~lightning_diff.diffusion.tv_bound.bound_terms` for a mixture, by Monte Carlo
     (``tv.bound_samples`` draws per term and per quadrature node), each with its standard error;
-    ``bound_se`` combines them to first order."""
+    ``bound_se`` combines them to first order. The last step's Jacobian is that of ``denoiser`` with
+    its error (a positive definite ``ScoreError.matrix`` keeps the step one to one)."""
     num = int(tv_options.get("bound_samples", 4096))
     gen = torch.Generator().manual_seed(int(tv_options["seed"]) + 2)
     draw = draw_mixture(dist)
     levels = sigmas.double().tolist()
     sigma_max, sigma_1 = levels[0], levels[-2]
-    direction = _rms_one(dist.dim)
     horizon, horizon_se = mc_horizon_term(dist.log_prob, draw(num * 16, gen), sigma_max)
     noisy = draw(num * 16, gen)
     noisy = noisy + sigma_1 * torch.randn(noisy.shape, generator=gen, dtype=torch.float64)
-    shift = cell.score_error * sigma_1**2 / math.sqrt(1 + sigma_1**2) * direction
+    no_shift = torch.zeros(dist.dim, dtype=torch.float64)
     final, final_se = mc_final_step_term(
-        denoiser.inner, dist.log_prob, noisy_mixture_log_prob(dist, sigma_1), noisy, sigma_1, shift
+        denoiser, dist.log_prob, noisy_mixture_log_prob(dist, sigma_1), noisy, sigma_1, no_shift
     )
     kl_score = score_kl(cell.score_error, dist.dim, sigma_max, sigma_1)
     terms: dict[str, Any] = {
@@ -189,16 +215,25 @@ def mixture_bound_terms(
     }
     if scheme in BOUNDED:
         kl_disc, kl_disc_se = mc_discretisation_kl(denoiser.inner, draw, sigmas, scheme, num, gen)
-        kl = max(kl_disc, 0.0) + held_score_kl(cell.score_error, dist.dim, sigmas, scheme)
+        kl_held = held_score_kl(cell.score_error, dist.dim, sigmas, scheme)
+        path = path_term(kl_disc, kl_held, denoiser.error)
+        # first order: d sqrt(KL / 2) / d KL_disc, with KL the sum or KL_disc alone (path_term)
+        kl = max(kl_disc, 0.0) + (kl_held if denoiser.error.kind == "constant" else 0.0)
         path_se = kl_disc_se / (2 * math.sqrt(2 * max(kl, 1e-300)))
         terms["discretisation_term"] = math.sqrt(max(kl_disc, 0.0) / 2)
-        terms["bound"] = horizon + math.sqrt(kl / 2) + final
+        terms["bound"] = horizon + path + final
         terms["bound_se"] = math.sqrt(horizon_se**2 + path_se**2 + final_se**2)
     return terms
 
 
 def mixture_cell(
-    dist: GaussianMixture, sampler: Sampler, name: str, cell: Cell, schedule: VPSDE, tv_options: dict
+    dist: GaussianMixture,
+    sampler: Sampler,
+    name: str,
+    cell: Cell,
+    schedule: VPSDE,
+    tv_options: dict,
+    error: ScoreError,
 ) -> dict[str, Any]:
     covs = dist.covs.double()
     if not torch.allclose(covs, torch.diag_embed(covs.diagonal(dim1=1, dim2=2))):
@@ -209,7 +244,7 @@ def mixture_cell(
         raise ConfigError(f"ld-tv histograms mixtures of dimension <= 3, got {dist.dim}: use data=gaussian")
     num, bins, seed = int(tv_options["num_samples"]), int(tv_options["bins"]), int(tv_options["seed"])
     exact = GaussianMixtureDenoiser(dist.means, covs, dist.weights)
-    denoiser = PerturbedDenoiser(exact, cell.score_error, _rms_one(dist.dim))
+    denoiser = PerturbedDenoiser(exact, cell.score_error, error)
     gen = torch.Generator().manual_seed(seed)
     edges = _histogram_edges(dist, bins)
     probs = mixture_cell_probabilities(dist, edges)
@@ -234,14 +269,27 @@ def mixture_cell(
     return row
 
 
-def run_cell(dist, sampler: Sampler, cell: Cell, beta_min: float, eps: float, tv_options: dict) -> dict:
+def run_cell(
+    dist,
+    sampler: Sampler,
+    cell: Cell,
+    beta_min: float,
+    eps: float,
+    tv_options: dict,
+    perturbation: str = "constant",
+) -> dict:
+    """One cell's row; ``perturbation`` names the shape of the injected score error
+    (:class:`~lightning_diff.diffusion.tv_bound.ScoreError`: ``constant`` or ``linear``, the latter
+    seeded by ``tv.seed``)."""
     schedule = VPSDE(beta_min=beta_min, beta_max=cell.horizon, eps=eps)
     sampler = sampler.with_num_steps(cell.steps)
     start = time.perf_counter()
     if isinstance(dist, Gaussian):
-        row = gaussian_cell(dist, sampler, cell.sampler, cell, schedule, tv_options)
+        error = score_error(dist, perturbation, int(tv_options["seed"]))
+        row = gaussian_cell(dist, sampler, cell.sampler, cell, schedule, tv_options, error)
     elif isinstance(dist, GaussianMixture):
-        row = mixture_cell(dist, sampler, cell.sampler, cell, schedule, tv_options)
+        error = score_error(dist, perturbation, int(tv_options["seed"]))
+        row = mixture_cell(dist, sampler, cell.sampler, cell, schedule, tv_options, error)
     else:
         raise ConfigError(
             "ld-tv needs a known density with an exact denoiser: data=gaussian or data=gmm, "
@@ -252,6 +300,7 @@ def run_cell(dist, sampler: Sampler, cell: Cell, beta_min: float, eps: float, tv
         "steps": cell.steps,
         "score_error": cell.score_error,
         "horizon": cell.horizon,
+        "perturbation": perturbation,
     }
     row = {**base, **row, "seconds": time.perf_counter() - start}
     if row.get("bound") is not None:

@@ -20,6 +20,7 @@ from lightning_diff.diffusion.propagate import gaussian_output
 from lightning_diff.diffusion.sde_samplers import sample_exponential
 from lightning_diff.diffusion.tv_bound import (
     PerturbedDenoiser,
+    ScoreError,
     discretisation_kl,
     horizon_term,
     mc_discretisation_kl,
@@ -34,6 +35,7 @@ from lightning_diff.tv_study import (
     draw_mixture,
     histogram_tv,
     mixture_cell_probabilities,
+    mixture_moments,
     noisy_mixture_log_prob,
     run_cell,
 )
@@ -50,10 +52,15 @@ def sampler(name: str, steps: int) -> Sampler:
     return load_sampler(name).with_num_steps(steps)
 
 
+def _error(kind: str) -> ScoreError:
+    return ScoreError.named(kind, MEAN, COV, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear"])
 @pytest.mark.parametrize("name", SAMPLERS)
-def test_propagated_moments_equal_a_monte_carlo_run_of_the_same_sampler(name):
+def test_propagated_moments_equal_a_monte_carlo_run_of_the_same_sampler(name, kind):
     """With an injected error, on a short grid (where the output is far from the data)."""
-    denoiser = PerturbedDenoiser(GaussianDenoiser(MEAN, COV), 0.2, torch.ones(2))
+    denoiser = PerturbedDenoiser(GaussianDenoiser(MEAN, COV), 0.2, _error(kind))
     schedule = VPSDE()
     run = sampler(name, 8)
     mean, cov, _ = gaussian_output(run, denoiser, schedule, 2)
@@ -67,6 +74,54 @@ def test_propagated_moments_equal_a_monte_carlo_run_of_the_same_sampler(name):
     se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / num).sqrt()
     assert ((mc_cov - cov).abs() < 5 * se_cov).all()
     assert not torch.allclose(cov, COV, atol=0.02)  # eight steps: visibly not the data
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear"])
+def test_the_injected_error_has_unit_rms_under_the_noisy_data_at_every_level(kind):
+    """``E|u_sigma(z)|^2 = dim`` for ``z`` from the VP marginal, by Monte Carlo: on a Gaussian and
+    on a mixture (whose error is normalised through its mean and covariance only)."""
+    gen = torch.Generator().manual_seed(0)
+    mixture = GaussianMixture(num_components=3, radius=2.0, std=0.4)
+    m_mean, m_cov = mixture_moments(mixture)
+    draws = {
+        "gaussian": (MEAN, COV, torch.distributions.MultivariateNormal(MEAN, COV).sample((200_000,))),
+        "mixture": (m_mean, m_cov, draw_mixture(mixture)(200_000, gen)),
+    }
+    for data_mean, data_cov, x0 in draws.values():
+        error = ScoreError.named(kind, data_mean, data_cov, seed=1)
+        for sigma in (0.05, 1.0, 30.0):
+            ab = 1 / (1 + sigma**2)
+            z = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(
+                x0.shape, generator=gen, dtype=torch.float64
+            )
+            sq = (error(z, torch.full((len(z),), sigma, dtype=torch.float64)) ** 2).sum(1) / 2
+            assert abs(float(sq.mean()) - 1.0) < 4 * float(sq.std()) / math.sqrt(len(sq)) + 1e-12
+
+
+def test_mixture_moments_equal_monte_carlo():
+    mixture = GaussianMixture(means=[[0.0, 1.0], [3.0, -1.0]], stds=[0.5, 1.2], weights=[0.3, 0.7])
+    x = draw_mixture(mixture)(400_000, torch.Generator().manual_seed(0))
+    mean, cov = mixture_moments(mixture)
+    torch.testing.assert_close(x.mean(0), mean, atol=0.02, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), cov, atol=0.03, rtol=0)
+
+
+def test_a_linear_error_changes_the_output_covariance_a_constant_one_does_not():
+    """At 500 steps the output with a constant error is the error-free covariance moved in its mean;
+    a linear error of the same RMS widens it (its matrix is positive definite)."""
+    schedule, run = VPSDE(), sampler("euler_maruyama", 500)
+    outputs = {
+        kind: gaussian_output(
+            run, PerturbedDenoiser(GaussianDenoiser(MEAN, COV), 0.3, _error(kind)), schedule, 2
+        )
+        for kind in ("constant", "linear")
+    }
+    clean_mean, clean_cov, _ = gaussian_output(run, GaussianDenoiser(MEAN, COV), schedule, 2)
+    const_mean, const_cov, _ = outputs["constant"]
+    lin_mean, lin_cov, _ = outputs["linear"]
+    torch.testing.assert_close(const_cov, clean_cov, atol=1e-10, rtol=0)
+    assert (const_mean - clean_mean).abs().min() > 0.05
+    assert torch.linalg.eigvalsh(lin_cov - clean_cov).min() > 0.05
 
 
 def test_exponential_step_is_the_vp_exponential_integrator():
@@ -171,19 +226,20 @@ def test_exact_tv_falls_with_steps_at_zero_error_and_levels_off_with_an_error(na
     assert abs(tv[(250, 0.1)] - tv[(50, 0.1)]) < 0.25 * tv[(250, 0.1)]
 
 
+@pytest.mark.parametrize("kind", ["constant", "linear"])
 @pytest.mark.parametrize("name", ["euler_maruyama", "exponential"])
-def test_no_cell_exceeds_its_bound(name):
-    """Short and default horizons, coarse and fine grids, with and without an error, 1-D and 2-D."""
+def test_no_cell_exceeds_its_bound(name, kind):
+    """Short and default horizons, coarse and fine grids, with and without an error (constant and
+    linear in x), 1-D and 2-D."""
     for dist in (Gaussian(mean=[0.5], cov=[[0.8]]), Gaussian(dim=2, seed=3)):
         for steps in (5, 30, 200):
-            for error in (0.0, 0.3):
+            for error in (0.0, 0.3, 1.0):
                 for horizon in (1.0, 20.0):
                     cell = Cell(name, steps, error, horizon)
-                    row = run_cell(
-                        dist, sampler(name, steps), cell, 0.1, 1e-3, {**TV_OPTIONS, "num_samples": 50_000}
-                    )
+                    options = {**TV_OPTIONS, "num_samples": 50_000}
+                    row = run_cell(dist, sampler(name, steps), cell, 0.1, 1e-3, options, kind)
                     assert row["bound"] is not None and row["within_bound"], row
-                    assert row["tv"] <= row["bound"]
+                    assert row["tv"] <= row["bound"] and row["perturbation"] == kind
 
 
 def test_ode_and_ancestral_cells_have_terms_but_no_bound():
@@ -279,6 +335,67 @@ def test_final_step_tv_through_the_change_of_variables():
     assert abs(tv - quadrature) < 4 * se
 
 
+def test_final_step_with_a_linear_error_through_the_change_of_variables():
+    """1-D Gaussian, error ``u(z) = z / r``: the last step is ``y = a + b x`` with ``x ~ N(m, c + s^2)``,
+    so its TV to the data is exact. The Monte Carlo term (autograd Jacobian of the perturbed
+    denoiser) and Pinsker's closed-form term agree with it."""
+    from lightning_diff.diffusion.tv_bound import final_step_term
+
+    m, c, s, eps = 0.4, 0.5, 0.5, 1.0
+    dist, den = _one_component([m], [c])
+    f64 = torch.float64
+    error = ScoreError.linear(torch.tensor([m], dtype=f64), torch.tensor([[c]], dtype=f64), seed=0)
+    ab = 1 / (1 + s**2)
+    r = math.sqrt(ab * (m**2 + c) + 1 - ab)  # RMS of z under the VP marginal
+    k = eps * s**2 / math.sqrt(1 + s**2) / r
+    b = c / (c + s**2) + k / math.sqrt(1 + s**2)
+    a = m - c / (c + s**2) * m
+    out_mean, out_std = a + b * m, b * math.sqrt(c + s**2)
+    exact = gaussian_tv_1d(m, math.sqrt(c), out_mean, out_std)
+    gen = torch.Generator().manual_seed(0)
+    noisy = draw_mixture(dist)(200_000, gen)
+    noisy = noisy + s * torch.randn(noisy.shape, generator=gen, dtype=torch.float64)
+    perturbed = PerturbedDenoiser(den, eps, error)
+    tv, se = mc_final_step_term(
+        perturbed,
+        dist.log_prob,
+        noisy_mixture_log_prob(dist, s),
+        noisy,
+        s,
+        torch.zeros(1, dtype=torch.float64),
+    )
+    assert exact > 0.05 and se < 0.02 * exact
+    assert abs(tv - exact) < 4 * se
+    data = (torch.tensor([m], dtype=f64), torch.tensor([[c]], dtype=f64))
+    out = (torch.tensor([out_mean], dtype=f64), torch.tensor([[out_std**2]], dtype=f64))
+    pinsker = math.sqrt(min(gaussian_kl(*data, *out), gaussian_kl(*out, *data)) / 2)
+    assert final_step_term(*data, s, eps, error) == pytest.approx(pinsker, rel=1e-9)
+    assert exact <= pinsker
+
+
+def test_mixture_cells_with_a_linear_error_stay_within_their_bound():
+    dist = GaussianMixture(num_components=4, radius=2.0, std=0.4)
+    options = {"num_samples": 20_000, "seed": 0, "bins": 20, "bound_samples": 512}
+    rows = {
+        (kind, eps): run_cell(
+            dist,
+            sampler("euler_maruyama", 50),
+            Cell("euler_maruyama", 50, eps, 20.0),
+            0.1,
+            1e-3,
+            options,
+            kind,
+        )
+        for kind in ("constant", "linear")
+        for eps in (0.0, 0.3)
+    }
+    for row in rows.values():
+        assert row["bound"] is not None and row["within_bound"], row
+    # an error of RMS 0.3 is seen above the histogram floor, whatever its shape
+    for kind in ("constant", "linear"):
+        assert rows[(kind, 0.3)]["tv"] > rows[(kind, 0.0)]["tv"] + 2 * rows[(kind, 0.0)]["tv_floor"]
+
+
 def test_ld_tv_writes_rows_summary_and_figures(tmp_path):
     out = tmp_path / "tv.json"
     cmd = [
@@ -315,7 +432,12 @@ def test_ld_tv_bad_input_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "message"), [("data=moons", "known density"), ("design=full", "design=")]
+    ("override", "message"),
+    [
+        ("data=moons", "known density"),
+        ("design=full", "design="),
+        ("perturbation=quadratic", "perturbation="),
+    ],
 )
 def test_ld_tv_rejects_unknown_densities_and_designs(tmp_path, override, message):
     from hydra import compose, initialize_config_dir

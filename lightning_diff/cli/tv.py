@@ -3,6 +3,7 @@
     ld-tv                                   # conf/tv.yaml: 2-D Gaussian, five samplers, a cross design
     ld-tv data=gaussian data.distribution.dim=1 out=tv_1d.json
     ld-tv data=gmm tv.num_samples=200000 steps=[10,20,50,100] score_errors=[] horizons=[]
+    ld-tv perturbation=linear steps=[] horizons=[]   # a score error that grows with |x|
 
 Writes ``out`` (JSON: ``rows``, one per cell, and ``summary``) and the figures beside it; see
 :mod:`lightning_diff.tv_study` for what each column is and how TV is computed.
@@ -45,7 +46,9 @@ def study(cfg: DictConfig) -> dict:
     )
     rows = []
     for cell in grid:
-        row = run_cell(dist, samplers[cell.sampler], cell, cfg.beta_min, cfg.eps, tv_options)
+        row = run_cell(
+            dist, samplers[cell.sampler], cell, cfg.beta_min, cfg.eps, tv_options, str(cfg.perturbation)
+        )
         log.info(
             "%s steps=%d eps=%g beta_max=%g: TV %.4g (bound %s)",
             cell.sampler,
@@ -59,6 +62,7 @@ def study(cfg: DictConfig) -> dict:
     result = {
         "data": OmegaConf.to_container(cfg.data.distribution, resolve=True),
         "reference": reference,
+        "perturbation": str(cfg.perturbation),
         "rows": rows,
         "summary": summarise(rows, reference, int(cfg.fit_steps_from)),
     }

@@ -18,14 +18,18 @@ score error of RMS ``epsilon`` per coordinate) rather than up to constants:
   time ``tau = sigma^2`` (``g = 1``, drift the VE score) and the exponential integrator in the VP
   coordinates (``g^2 = beta``, only the score held) are such schemes; ancestral sampling (another
   noise variance) and the ODE samplers (no noise) are not, and get no bound.
-  An injected error ``epsilon u`` (``u`` fixed, ``|u|^2 = dim``) in the VP score adds, in continuous
-  time, ``1/2 epsilon^2 dim log((1 + sigma_max^2) / (1 + sigma_1^2))``: the seed's ``sqrt(T) epsilon``
-  term (``score_term``). The bound uses the same error as each scheme holds it over its steps
-  (:func:`held_score_kl`); it adds to the discretisation KL because the discretisation error has
-  mean zero under the exact path and the injected error is constant.
-* the last step maps ``x`` at ``sigma_1`` to the denoiser's output, an affine map of ``p_tau1``:
-  ``N(mu + delta, Sigma (Sigma + sigma_1^2)^{-1} Sigma)``, against the data by Pinsker (the smaller KL
-  of the two directions); data processing carries the path error through this map.
+  An injected error ``epsilon u_sigma(z)`` (:class:`ScoreError`, ``E|u_sigma|^2 = dim`` under the noisy
+  data at every level) in the VP score adds, in continuous time,
+  ``1/2 epsilon^2 dim log((1 + sigma_max^2) / (1 + sigma_1^2))``: the seed's ``sqrt(T) epsilon`` term
+  (``score_term``). The bound uses the same error as each scheme holds it over its steps
+  (:func:`held_score_kl`). A constant error adds its KL to the discretisation KL (the discretisation
+  error has mean zero under the exact path); an error that depends on ``x`` can correlate with it,
+  so its square root adds instead (Minkowski in ``L^2`` of time and path: ``sqrt(KL) <=
+  sqrt(KL_disc) + sqrt(KL_error)``).
+* the last step maps ``x`` at ``sigma_1`` to the denoiser's output plus the error, an affine map of
+  ``p_tau1`` (``N(mu + delta, Sigma (Sigma + sigma_1^2)^{-1} Sigma)`` for a constant error), against
+  the data by Pinsker (the smaller KL of the two directions); data processing carries the path error
+  through this map.
 """
 
 from __future__ import annotations
@@ -37,32 +41,104 @@ import torch
 from torch import Tensor
 
 from lightning_diff.diffusion.denoisers import Denoiser
-from lightning_diff.diffusion.utils import append_dims, as_sigma_batch
+from lightning_diff.diffusion.utils import as_sigma_batch
 from lightning_diff.metrics.gaussian_tv import gaussian_kl
 
 BOUNDED = ("euler_maruyama", "exponential")
 _NODES, _WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
-class PerturbedDenoiser(Denoiser):
-    """``inner`` with a fixed error ``epsilon * direction`` added to its VP score at every noise level.
+PERTURBATIONS = ("constant", "linear")
 
-    In the denoiser's coordinates (``x = z sqrt(1 + sigma^2)``) the VP score error ``e`` is a VE score
-    error ``e / sqrt(1 + sigma^2)``, i.e. ``D + epsilon sigma^2 / sqrt(1 + sigma^2) * direction``.
-    ``direction`` defaults to all ones (RMS 1 per coordinate). Affine in ``x`` when ``inner`` is.
+
+class ScoreError(torch.nn.Module):
+    """The shape ``u_sigma(z)`` of an injected VP score error, of unit RMS per coordinate under the
+    noisy data at every noise level: ``E_{z ~ p_sigma} |u_sigma(z)|^2 = dim``.
+
+    ``u_sigma(z) = (offset + matrix z) / r_sigma`` with ``r_sigma^2 = E|offset + matrix z|^2 / dim``,
+    which needs only the VP marginal's mean ``sqrt(ab) mu`` and covariance ``ab Sigma + (1 - ab) I``
+    (``ab = 1 / (1 + sigma^2)``), so it is exact for any data of known mean and covariance.
+
+    * :meth:`constant`: ``offset`` all ones, no matrix (``r = 1``): the error moves the output's mean.
+    * :meth:`linear`: no offset, ``matrix`` a seeded symmetric positive definite matrix with
+      eigenvalues spread over [0.5, 1.5]: the error grows with ``|z|`` and changes the output's
+      covariance too. Affine in ``z`` keeps a Gaussian's sampler outputs exactly Gaussian, and a
+      positive definite matrix keeps the last denoising step a gradient of a convex function (one to
+      one, so its output density follows by the change of variables).
     """
 
-    def __init__(self, inner: Denoiser, epsilon: float, direction: Tensor):
+    def __init__(self, offset: Tensor, matrix: Tensor | None, data_mean: Tensor, data_cov: Tensor):
+        super().__init__()
+        dim = data_mean.numel()
+        matrix = torch.zeros(dim, dim, dtype=torch.float64) if matrix is None else matrix
+        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float64).reshape(dim))
+        self.register_buffer("matrix", torch.as_tensor(matrix, dtype=torch.float64).reshape(dim, dim))
+        self.register_buffer("data_mean", data_mean.double().reshape(dim))
+        self.register_buffer("data_cov", data_cov.double().reshape(dim, dim))
+        self.kind = "linear" if bool(self.matrix.abs().sum() > 0) else "constant"
+
+    @classmethod
+    def constant(cls, dim: int, direction: Tensor | None = None) -> ScoreError:
+        """``direction`` (default all ones) at every ``z``, scaled to RMS 1 per coordinate."""
+        direction = torch.ones(dim, dtype=torch.float64) if direction is None else direction
+        zeros = torch.zeros(dim, dtype=torch.float64)
+        return cls(direction, None, zeros, torch.eye(dim, dtype=torch.float64))
+
+    @classmethod
+    def linear(cls, data_mean: Tensor, data_cov: Tensor, seed: int = 0) -> ScoreError:
+        dim = data_mean.numel()
+        gen = torch.Generator().manual_seed(int(seed))
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+        spread = torch.linspace(0.5, 1.5, dim, dtype=torch.float64) if dim > 1 else torch.ones(1).double()
+        return cls(torch.zeros(dim), q @ torch.diag(spread) @ q.T, data_mean, data_cov)
+
+    @classmethod
+    def named(cls, kind: str, data_mean: Tensor, data_cov: Tensor, seed: int = 0) -> ScoreError:
+        if kind == "constant":
+            return cls.constant(data_mean.numel())
+        if kind == "linear":
+            return cls.linear(data_mean, data_cov, seed)
+        raise ValueError(f"perturbation={kind!r} is not one of {', '.join(PERTURBATIONS)}")
+
+    def rms(self, sigma: Tensor) -> Tensor:
+        """``r_sigma`` for a batch of noise levels ``(n,)``."""
+        ab = 1 / (1 + sigma.double() ** 2)
+        centre = self.offset + ab.sqrt()[:, None] * (self.matrix @ self.data_mean)  # E[offset + M z]
+        wcw = torch.trace(self.matrix @ self.data_cov @ self.matrix.T)
+        www = torch.trace(self.matrix @ self.matrix.T)
+        second = (centre**2).sum(1) + ab * wcw + (1 - ab) * www
+        return (second / self.offset.numel()).sqrt()
+
+    def forward(self, z: Tensor, sigma: Tensor) -> Tensor:
+        """``u_sigma(z)`` for rows ``z`` ``(n, dim)`` (float64) at levels ``sigma`` ``(n,)``."""
+        return (self.offset + z @ self.matrix.T) / self.rms(sigma)[:, None]
+
+
+class PerturbedDenoiser(Denoiser):
+    """``inner`` with an error ``epsilon * u_sigma(z)`` added to its VP score at every noise level
+    (``u`` a :class:`ScoreError`, or a fixed direction tensor for a constant one).
+
+    In the denoiser's coordinates (``x = z sqrt(1 + sigma^2)``) the VP score error ``e`` is a VE score
+    error ``e / sqrt(1 + sigma^2)``, i.e. ``D + epsilon sigma^2 / sqrt(1 + sigma^2) * u_sigma(z)``.
+    Affine in ``x`` when ``inner`` is.
+    """
+
+    def __init__(self, inner: Denoiser, epsilon: float, error: ScoreError | Tensor):
         super().__init__()
         self.inner, self.epsilon = inner, float(epsilon)
-        self.register_buffer("direction", torch.as_tensor(direction, dtype=torch.float64).reshape(-1))
+        if not isinstance(error, ScoreError):
+            direction = torch.as_tensor(error, dtype=torch.float64).reshape(-1)
+            error = ScoreError.constant(direction.numel(), direction)
+        self.error = error
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         out = self.inner(x, sigma)
         if self.epsilon == 0:
             return out
-        s = append_dims(as_sigma_batch(sigma, x).to(torch.float64), 2)
-        shift = self.epsilon * s**2 / torch.sqrt(1 + s**2) * self.direction
+        s = as_sigma_batch(sigma, x).to(torch.float64)
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        u = self.error(flat / torch.sqrt(1 + s**2)[:, None], s)
+        shift = self.epsilon * (s**2 / torch.sqrt(1 + s**2))[:, None] * u
         return out + shift.reshape(out.shape).to(out.dtype)
 
 
@@ -149,17 +225,33 @@ def discretisation_kl(eigvals: Tensor, sigmas: Tensor, scheme: str) -> float:
     return 0.5 * total
 
 
-def final_step_term(mean: Tensor, cov: Tensor, sigma_1: float, epsilon: float, direction: Tensor) -> float:
-    """Pinsker's bound on the TV between the data and the denoiser's output on ``p`` at ``sigma_1``."""
-    lam, vecs = torch.linalg.eigh(cov.double())
-    out_cov = vecs @ torch.diag(lam**2 / (lam + sigma_1**2)) @ vecs.T
-    shift = epsilon * sigma_1**2 / math.sqrt(1 + sigma_1**2) * direction.double()
-    kl = min(gaussian_kl(mean, cov, mean + shift, out_cov), gaussian_kl(mean + shift, out_cov, mean, cov))
+def final_step_term(mean: Tensor, cov: Tensor, sigma_1: float, epsilon: float, error: ScoreError) -> float:
+    """Pinsker's bound on the TV between the data and the last step's output on ``p`` at ``sigma_1``:
+    ``y = D(x) + k u(x / sqrt(1 + sigma_1^2))`` with ``k = epsilon sigma_1^2 / sqrt(1 + sigma_1^2)`` and
+    ``D(x) = mu + Sigma (Sigma + sigma_1^2)^{-1} (x - mu)``, affine in ``x ~ N(mu, Sigma + sigma_1^2)``."""
+    cov = cov.double()
+    dim = mean.numel()
+    noisy_cov = cov + sigma_1**2 * torch.eye(dim, dtype=torch.float64)
+    scale = math.sqrt(1 + sigma_1**2)
+    k = epsilon * sigma_1**2 / scale / float(error.rms(torch.tensor([sigma_1], dtype=torch.float64)))
+    linear = torch.linalg.solve(noisy_cov, cov).T + (k / scale) * error.matrix  # dy / dx
+    out_mean = mean.double() + k * (error.offset + error.matrix @ mean.double() / scale)
+    out_cov = linear @ noisy_cov @ linear.T
+    kl = min(gaussian_kl(mean, cov, out_mean, out_cov), gaussian_kl(out_mean, out_cov, mean, cov))
     return math.sqrt(max(kl, 0.0) / 2)
 
 
+def path_term(kl_disc: float, kl_error: float, error: ScoreError) -> float:
+    """``sqrt(KL_path / 2)``: the two KLs add for a constant error, their square roots for one that
+    depends on ``x`` (module docstring)."""
+    kl_disc = max(kl_disc, 0.0)
+    if error.kind == "constant":
+        return math.sqrt((kl_disc + kl_error) / 2)
+    return math.sqrt(kl_disc / 2) + math.sqrt(kl_error / 2)
+
+
 def bound_terms(
-    mean: Tensor, cov: Tensor, sigmas: Tensor, scheme: str, epsilon: float, direction: Tensor
+    mean: Tensor, cov: Tensor, sigmas: Tensor, scheme: str, epsilon: float, error: ScoreError
 ) -> dict[str, float | None]:
     """Every term of the bound for one cell; ``bound`` is None for schemes it does not cover."""
     levels = sigmas.double().tolist()
@@ -170,14 +262,14 @@ def bound_terms(
     terms: dict[str, float | None] = {
         "horizon_term": horizon_term(mean, cov, sigma_max),
         "score_term": math.sqrt(kl_score / 2),
-        "final_term": final_step_term(mean, cov, sigma_1, epsilon, direction),
+        "final_term": final_step_term(mean, cov, sigma_1, epsilon, error),
         "ou_horizon": ou_horizon(sigma_max),
     }
     if scheme in BOUNDED:
         kl_disc = discretisation_kl(eigvals, sigmas, scheme)
         kl_held = held_score_kl(epsilon, dim, sigmas, scheme)
         terms["discretisation_term"] = math.sqrt(kl_disc / 2)
-        terms["bound"] = terms["horizon_term"] + math.sqrt((kl_disc + kl_held) / 2) + terms["final_term"]
+        terms["bound"] = terms["horizon_term"] + path_term(kl_disc, kl_held, error) + terms["final_term"]
     else:
         terms["discretisation_term"] = None
         terms["bound"] = None
