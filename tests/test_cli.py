@@ -64,6 +64,20 @@ def test_sample_with_another_sampler_and_step_count(ckpt, tmp_path):
     assert np.abs(default - array).max() > 1e-2  # the default sampler (Heun) is another one
 
 
+def test_sample_with_a_compiled_sampler_draws_the_eager_samples(ckpt, tmp_path, monkeypatch):
+    """``sampler.compile=true`` through ld-sample (torch.compile with the aot_eager backend: it traces
+    like the default one without generating code)."""
+    real = torch.compile
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or real(m, backend="aot_eager"))
+    base = [f"ckpt={ckpt}", "num_samples=4", "sampler=ddim", "num_steps=3"]
+    eager = sample(compose_named("sample", base + [f"out={tmp_path / 'a.npy'}"]))
+    assert calls == []
+    compiled = sample(compose_named("sample", base + ["sampler.compile=true", f"out={tmp_path / 'b.npy'}"]))
+    assert calls == [{}]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_eval_checkpoint_and_samples_file(ckpt, tmp_path):
     metrics = evaluate(
         compose_named("eval", [f"ckpt={ckpt}", "num_samples=20", f"out={tmp_path / 'm.json'}"])

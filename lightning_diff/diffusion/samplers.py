@@ -10,12 +10,14 @@ shown in each docstring and checked against diffusers' schedulers in the tests.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from lightning_diff.diffusion.compiled import CompiledDenoiser, compile_mode
 from lightning_diff.diffusion.denoisers import Denoiser
 from lightning_diff.diffusion.random import SampleGenerators, randn
 from lightning_diff.errors import ConfigError
@@ -148,15 +150,38 @@ class Sampler:
             are bound).
         num_steps: number of denoiser evaluations' worth of steps.
         spacing: how the steps are placed on a discrete schedule (see ``DiscreteSchedule.timesteps``).
+        compile: call the denoiser of every step through ``torch.compile``: ``false``, ``true`` or a
+            mode (``reduce-overhead`` captures the network call in a CUDA graph); see
+            :mod:`lightning_diff.diffusion.compiled`. The update and the noise stay eager, so a
+            compiled run draws the same noise as an eager one.
     """
 
     #: Whether the sampler starts from the data's Gaussian (``reference``); see :meth:`__call__`.
     needs_reference = False
 
-    def __init__(self, fn: Callable[..., tuple[Tensor, int]], num_steps: int = 50, spacing: str = "leading"):
+    def __init__(
+        self,
+        fn: Callable[..., tuple[Tensor, int]],
+        num_steps: int = 50,
+        spacing: str = "leading",
+        compile: bool | str = False,
+    ):
         self.fn = fn
         self.num_steps = int(num_steps)
         self.spacing = spacing
+        self.compile = compile_mode(compile, "sampler.compile")
+        # One compiled wrapper per denoiser (weakly held: it goes with the denoiser).
+        self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def prepare(self, denoiser: Denoiser) -> Denoiser:
+        """The denoiser the loop calls: ``denoiser`` itself, or its compiled wrapper (built once)."""
+        if self.compile is None:
+            return denoiser
+        wrapper = self._compiled.get(denoiser)
+        if wrapper is None or wrapper.mode != self.compile:
+            wrapper = CompiledDenoiser(denoiser, self.compile)
+            self._compiled[denoiser] = wrapper
+        return wrapper
 
     def __call__(
         self,
@@ -176,11 +201,21 @@ class Sampler:
         """
         sigmas = schedule.sampling_sigmas(self.num_steps, self.spacing).to(device)
         x = randn(shape, generator, device=device) * float(schedule.prior_std(sigmas[0]))
-        return self.fn(denoiser, x, sigmas, generator=generator, callback=callback)
+        return self.fn(self.prepare(denoiser), x, sigmas, generator=generator, callback=callback)
 
     def with_num_steps(self, num_steps: int) -> Sampler:
-        """The same algorithm and spacing with another step count."""
-        return Sampler(self.fn, num_steps=num_steps, spacing=self.spacing)
+        """The same algorithm, spacing and compilation with another step count."""
+        return Sampler(self.fn, num_steps=num_steps, spacing=self.spacing, compile=self.compile or False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_compiled"] = None  # compiled functions do not pickle; rebuilt on first use
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.compile = state.get("compile")
+        self._compiled = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "func", self.fn).__name__

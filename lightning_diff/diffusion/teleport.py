@@ -61,7 +61,7 @@ class Teleport(Sampler):
     ):
         if num_steps is not None and int(num_steps) != sampler.num_steps:
             sampler = sampler.with_num_steps(num_steps)
-        super().__init__(sampler.fn, sampler.num_steps, sampler.spacing)
+        super().__init__(sampler.fn, sampler.num_steps, sampler.spacing, compile=sampler.compile or False)
         if start not in STARTS:
             raise ConfigError(f"teleport start={start!r} is not one of {', '.join(STARTS)}")
         if sigma_skip is None and (skip_fraction is None or not 0.0 <= skip_fraction < 1.0):
@@ -118,7 +118,7 @@ class Teleport(Sampler):
             probe_gen = torch.Generator(device=device).manual_seed(0)
             probe = gaussian_marginal_sample(reference, randn((1, *shape[1:]), probe_gen, device), sigmas[0])
             _, self.saved_nfe = self.fn(reference, probe, sigmas[: k + 1], generator=probe_gen)
-        return self.fn(denoiser, x, sigmas[k:], generator=generator, callback=callback)
+        return self.fn(self.prepare(denoiser), x, sigmas[k:], generator=generator, callback=callback)
 
     def __repr__(self) -> str:
         skip = (

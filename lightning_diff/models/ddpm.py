@@ -45,7 +45,7 @@ class DDPM(PreconditionedModule):
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
         clip_denoised: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ):
         super().__init__(

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_diff.diffusion.closed_form import data_moments
+from lightning_diff.diffusion.compiled import compile_mode, compile_module
 from lightning_diff.diffusion.denoisers import ClampedDenoiser, Denoiser, GaussianDenoiser
 from lightning_diff.diffusion.random import SampleGenerators, ShardedGenerator
 from lightning_diff.diffusion.samplers import Sampler, Schedule, sample_ddim
@@ -99,7 +100,9 @@ class DiffusionModule(L.LightningModule):
         sampler: the default sampler for grids, evaluation and ``ld-sample``.
         clip_denoised: clamp the denoised estimate to [-1, 1] while sampling (the original DDPM
             sampler's choice for images; the noise estimate then follows from the clamped value).
-        compile: call the network through ``torch.compile`` in the training loss. The compiled
+        compile: call the network through ``torch.compile`` in the training loss: ``false``,
+            ``true`` (the default mode) or a mode name (``reduce-overhead``, ``max-autotune``,
+            ``max-autotune-no-cudagraphs``; :mod:`lightning_diff.diffusion.compiled`). The compiled
             wrapper is not a registered submodule, so parameter names, ``state_dict`` keys,
             checkpoints and the EMA are the same with and without it; sampling uses the EMA copy,
             which is not compiled.
@@ -116,13 +119,14 @@ class DiffusionModule(L.LightningModule):
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
         clip_denoised: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ):
         super().__init__()
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay} must be in [0, 1)")
-        self.compile_net = bool(compile)
+        self.compile_mode = compile_mode(compile, "model.compile")
+        self.compile_net = self.compile_mode is not None
         self.channels_last = bool(channels_last)
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -170,7 +174,9 @@ class DiffusionModule(L.LightningModule):
             return self.net
         if self.__dict__.get("_training_net") is None:
             call: nn.Module = ChannelsLastCall(self.net) if self.channels_last else self.net
-            self.__dict__["_training_net"] = torch.compile(call) if self.compile_net else call
+            mode = getattr(self, "compile_mode", "default" if self.compile_net else None)
+            compiled = compile_module(call, mode) if mode else call
+            self.__dict__["_training_net"] = compiled
         return self.__dict__["_training_net"]
 
     def __getstate__(self) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class ScoreSDE(PreconditionedModule):
         ema_warmup: bool = True,
         sampler: Sampler | None = None,
         clip_denoised: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         channels_last: bool = False,
     ):
         super().__init__(
