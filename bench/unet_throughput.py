@@ -1,6 +1,7 @@
 """Training throughput of the CIFAR-10 DDPM UNet (35.7M parameters) under each performance switch.
 
     .venv/bin/python bench/unet_throughput.py batch=128 steps=50 peak_tflops=989     # H100, bf16 dense
+    .venv/bin/python bench/unet_throughput.py batch=128,256,512 variants=all,all_max_autotune,all_cudagraphs
     .venv/bin/python bench/unet_throughput.py batch=2 steps=2 warmup=1 variants=fp32,bf16,channels_last,fused
 
 The net is Ho et al.'s CIFAR-10 UNet (base_channels 128, channel_mult 1,2,2,2, two residual blocks
@@ -9,7 +10,11 @@ per resolution, attention at 16x16, dropout 0.1) inside a DDPM module; one step 
 
 * ``fp32``: the baseline; ``bf16``: ``torch.autocast`` to bfloat16 (what ``trainer.precision=bf16-mixed``
   does); ``compile``: ``model.compile=true``; ``channels_last``: ``model.channels_last=true``;
-  ``fused``: ``AdamW(fused=True)`` (``model.optimizer.fused=true``); ``all``: every switch at once.
+  ``fused``: ``AdamW(fused=True)`` (``model.optimizer.fused=true``); ``all``: every switch at once;
+  ``compile_max_autotune`` / ``compile_cudagraphs``: ``model.compile=max-autotune`` /
+  ``reduce-overhead`` alone; ``all_max_autotune`` / ``all_cudagraphs``: ``all`` with that mode.
+
+``batch`` takes a list (a batch-size sweep: every variant at every size, one row each).
 
 Reports images/s (median over ``repeats`` timings of ``steps`` steps after ``warmup``), the model's
 FLOPs per training step counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and
@@ -38,10 +43,14 @@ VARIANTS = {
     "channels_last": {"channels_last": True},
     "fused": {"fused": True},
     "all": {"bf16": True, "compile": True, "channels_last": True, "fused": True},
+    "compile_max_autotune": {"compile": "max-autotune"},
+    "compile_cudagraphs": {"compile": "reduce-overhead"},
+    "all_max_autotune": {"bf16": True, "compile": "max-autotune", "channels_last": True, "fused": True},
+    "all_cudagraphs": {"bf16": True, "compile": "reduce-overhead", "channels_last": True, "fused": True},
 }
 DEFAULTS = {
     "variants": list(VARIANTS),
-    "batch": 128,
+    "batch": [128],
     "steps": 30,
     "warmup": 5,
     "repeats": 3,
@@ -78,14 +87,21 @@ def make_step(switches: dict, device: str, batch: int, resolution: int):
     generator = torch.Generator(device=device).manual_seed(0)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=switches.get("bf16", False))
 
-    def step() -> None:
+    def forward_backward() -> None:
         with autocast:
             loss = model.loss(data, generator).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def update() -> None:
         optimizer.step()
         model.ema.update_parameters(model.net)
 
+    def step() -> None:
+        forward_backward()
+        update()
+
+    step.forward_backward, step.update = forward_backward, update  # for bench/profile_step.py
     return model, step
 
 
@@ -112,32 +128,44 @@ def main(argv: list[str]) -> None:
         torch.backends.cudnn.allow_tf32 = True
     named = any(a.startswith("variants=") for a in argv)
     variants = [v for v in args["variants"] if device == "cuda" or named or not VARIANTS[v].get("compile")]
-    batch, res = args["batch"], args["resolution"]
+    res = args["resolution"]
     params = sum(p.numel() for p in cifar_unet(res).parameters())
-    flops = flops_per_step(batch, res, device)
     print(
-        f"{machine_line()}; UNet {params:,} parameters ({params / 1e6:.1f}M); batch {batch} at "
-        f"{res}x{res}; {flops / 1e9:.1f} GFLOP per training step (FlopCounterMode, fwd + bwd); "
+        f"{machine_line()}; UNet {params:,} parameters ({params / 1e6:.1f}M) at {res}x{res}; "
         f"{args['steps']} steps after {args['warmup']}, median of {args['repeats']}\n"
     )
-    rows, base = [], None
-    for name in variants:
-        model, step = make_step(VARIANTS[name], device, batch, res)
-        for _ in range(args["warmup"]):
-            step()
-        seconds = median([timed(run_steps, step, args["steps"]) for _ in range(args["repeats"])])
-        per_step = seconds / args["steps"]
-        ips = batch / per_step
-        base = base or ips
-        achieved = flops / per_step / 1e12
-        mfu = f"{100 * achieved / args['peak_tflops']:.1f}%" if args["peak_tflops"] else "n/a"
-        rows.append(
-            [name, f"{1000 * per_step:.1f}", f"{ips:.1f}", f"{ips / base:.2f}", f"{achieved:.3f}", mfu]
-        )
-        print("  ".join(map(str, rows[-1])), flush=True)  # as it goes: compiling variants take minutes
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    print(table(["variant", "ms / step", "images/s", "vs fp32", "achieved TFLOP/s", "MFU"], rows))
+    rows = []
+    for batch in args["batch"]:
+        flops = flops_per_step(batch, res, device)
+        print(f"batch {batch}: {flops / 1e9:.1f} GFLOP per training step (FlopCounterMode, fwd + bwd)")
+        base = None
+        for name in variants:
+            model, step = make_step(VARIANTS[name], device, batch, res)
+            for _ in range(args["warmup"]):
+                step()
+            seconds = median([timed(run_steps, step, args["steps"]) for _ in range(args["repeats"])])
+            per_step = seconds / args["steps"]
+            ips = batch / per_step
+            base = base or ips
+            achieved = flops / per_step / 1e12
+            mfu = f"{100 * achieved / args['peak_tflops']:.1f}%" if args["peak_tflops"] else "n/a"
+            rows.append(
+                [
+                    name,
+                    batch,
+                    f"{1000 * per_step:.1f}",
+                    f"{ips:.1f}",
+                    f"{ips / base:.2f}",
+                    f"{achieved:.3f}",
+                    mfu,
+                ]
+            )
+            print("  ".join(map(str, rows[-1])), flush=True)  # as it goes: compiling variants take minutes
+            del model, step
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    header = ["variant", "batch", "ms / step", "images/s", f"vs {variants[0]}", "achieved TFLOP/s", "MFU"]
+    print(table(header, rows))
     skipped = [v for v in args["variants"] if v not in variants]
     if skipped:
         print(f"\nskipped on the CPU (compiling the 35.7M UNet takes minutes): {', '.join(skipped)}")
