@@ -24,7 +24,8 @@ Each row reports the median over ``repeats`` runs of milliseconds per optimiser 
 ``steps`` steps after ``warmup`` steps, on the ``clock``: ``wall`` (elapsed time, the default; the one
 for GPUs) or ``cpu`` (CPU seconds of this process, ``time.process_time``: on a CPU run with one
 thread and ``num_workers=0`` the same quantity, but not inflated by other processes competing for
-the cores of a shared machine). ``batch`` > 0 replaces the case's batch size. With
+the cores of a shared machine). ``batch`` > 0 replaces the case's batch size; a list (``batch=256,1024``)
+gives each case's rows at every size (does a large batch hide the per-step cost?). With
 ``data_share=true`` a second table gives the share of step time the plain loop spends waiting in
 ``next(iterator)`` on the digits DataModule for each ``workers`` count. Writes Markdown to stdout.
 """
@@ -72,7 +73,7 @@ DEFAULTS = {
     "data_share": True,
     "workers": [0, 2],
     "threads": 1,
-    "batch": 0,
+    "batch": [0],
     "precision": "32-true",
     "clock": "wall",
 }
@@ -214,8 +215,8 @@ def weight_difference(a, b) -> float:
     return max(d.max().item() for d in diffs)
 
 
-def overhead_rows(case: str, args) -> list[list[str]]:
-    datamodule, model = build(case, batch=args["batch"])
+def overhead_rows(case: str, args, batch: int = 0) -> list[list[str]]:
+    datamodule, model = build(case, batch=batch)
     initial = copy.deepcopy(model)
     params = sum(p.numel() for p in model.net.parameters())
     results: dict[str, list[float]] = {"plain": [], "lightning, bare": []}
@@ -265,7 +266,7 @@ def overhead_rows(case: str, args) -> list[list[str]]:
 def data_share_rows(args) -> list[list[str]]:
     rows = []
     for workers in args["workers"]:
-        datamodule, model = build("unet", num_workers=workers, batch=args["batch"])
+        datamodule, model = build("unet", num_workers=workers, batch=args["batch"][0])
         per_step, waited = plain_loop(
             model, datamodule.train_dataloader(), args["steps"], args["warmup"], args["precision"]
         )
@@ -288,9 +289,10 @@ def main(argv: list[str]) -> None:
     )
     rows = []
     for case in args["case"]:
-        case_rows = overhead_rows(case, args)
-        print("\n".join("  ".join(map(str, row)) for row in case_rows), flush=True)  # as it goes
-        rows += case_rows
+        for batch in args["batch"]:
+            case_rows = overhead_rows(case, args, batch)
+            print("\n".join("  ".join(map(str, row)) for row in case_rows), flush=True)  # as it goes
+            rows += case_rows
     print(table(["case", "net", "batch", "loop", "ms / step", "max - min", "vs plain"], rows))
     if args["data_share"]:
         print("\nData loading share (digits DataModule, demo UNet, plain loop):\n")
