@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_diff.cli import CONF_DIR, entry_point
 from lightning_diff.errors import ConfigError
-from lightning_diff.tv_study import cells, figures, run_cell, summarise
+from lightning_diff.tv_report import figures, summarise
+from lightning_diff.tv_study import cells, run_cell
 
 log = logging.getLogger("lightning_diff.cli.tv")
 SAMPLER_DIR = Path(CONF_DIR) / "sampler"
