@@ -51,10 +51,14 @@ def test_signal_saves_the_current_step_and_resume_continues(tmp_path, signame):
     last = read_checkpoint(ckpts / "last.ckpt")
     periodic = max(int(p.stem[4:]) for p in ckpts.glob("step*.ckpt"))
     assert last["global_step"] > 20 and last["global_step"] >= periodic
-    message = [line for line in output.splitlines() if f"stopped by {signame}" in line]
+    message = [line for line in output.splitlines() if f"stopped by {signame} at step" in line]
     assert len(message) == 1, output[-3000:]
     assert f"step {last['global_step']}" in message[0] and "resume=auto" in message[0]
     assert str(ckpts / "last.ckpt") in message[0]
+    # and the run's closing summary says so, with the checkpoint to resume from
+    summary = output[output.index(f"ld-train stopped by {signame}") :]
+    assert f"step {last['global_step']}" in summary.splitlines()[0]
+    assert f"checkpoint  {ckpts / 'last.ckpt'}" in summary
     assert not list(ckpts.glob(".tmp-*")), "no temporary checkpoint files left"
 
     more = last["global_step"] + 2
