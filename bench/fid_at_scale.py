@@ -12,9 +12,9 @@ the cached statistics: what every later evaluation pays). The reference is ``num
 random images unless ``reference=FILE.npy`` (N x 3 x 32 x 32, uint8 or [-1, 1]) is given.
 
 The Inception weights come from ``weights=FILE`` (a torch-fidelity Inception-v3 state dict); without
-it a randomly initialised network is saved to ``cache_dir`` and used, which times the same work (no
-download: the GPU machines here have no network). The FID value is then meaningless and is printed
-only to show the pipeline ran.
+it a randomly initialised network is saved to ``cache_dir`` and used (``save_random_inception``),
+which times the same work (no download: the GPU machines here have no network). The FID value is then
+meaningless and is printed only to show the pipeline ran.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from common import machine_line, parse_args, sync, table, timed
 
 from lightning_diff.diffusion import DiscreteSchedule, Sampler, VPDenoiser, sample_ddim
 from lightning_diff.diffusion.random import SampleGenerators
-from lightning_diff.metrics.fidelity import inception_metrics
+from lightning_diff.metrics.fidelity import inception_metrics, save_random_inception
 
 DEFAULTS = {
     "num_samples": 50000,
@@ -44,30 +44,6 @@ DEFAULTS = {
 }
 
 
-def random_inception_weights(folder: Path) -> Path:
-    """A He-initialised TF-compatible Inception-v3 saved as a state dict (as tests/test_fidelity.py)."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    path = folder / "inception_random.pth"
-    if path.is_file():
-        return path
-    torch.save({}, folder / "empty.pth")
-    original = fe.FeatureExtractorInceptionV3.load_state_dict
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state_dict, *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth")
-        )
-    finally:
-        fe.FeatureExtractorInceptionV3.load_state_dict = original
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def main(argv: list[str]) -> None:
     args = parse_args(argv, DEFAULTS, __doc__)
     from unet_throughput import cifar_unet
@@ -75,7 +51,9 @@ def main(argv: list[str]) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cache_dir = Path(args["cache_dir"] or tempfile.mkdtemp(prefix="fid-at-scale-"))
     cache_dir.mkdir(parents=True, exist_ok=True)
-    weights = Path(args["weights"]) if args["weights"] else random_inception_weights(cache_dir)
+    weights = Path(args["weights"]) if args["weights"] else cache_dir / "inception_random.pth"
+    if not weights.is_file() and not args["weights"]:
+        save_random_inception(weights)
     n, batch = args["num_samples"], args["batch"]
     schedule = DiscreteSchedule().to(device)
     denoiser = VPDenoiser(cifar_unet(32), schedule, "eps").to(device).eval()

@@ -64,3 +64,21 @@ def tiny_train():
         return train(compose_train(overrides, run_dir))
 
     return run
+
+
+def small_unet(in_channels: int = 1, resolution: int = 8, base_channels: int = 8):
+    """A two-level UNet with attention at the lower level, no dropout, seeded weights."""
+    import torch
+
+    from lightning_diff.nets import UNet
+
+    torch.manual_seed(0)
+    return UNet(
+        in_channels=in_channels,
+        resolution=resolution,
+        base_channels=base_channels,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(resolution // 2,),
+        dropout=0.0,
+    )

@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import small_unet
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -19,7 +20,7 @@ from lightning_diff.diffusion.compiled import CompiledDenoiser, compile_mode
 from lightning_diff.diffusion.random import SampleGenerators
 from lightning_diff.errors import ConfigError
 from lightning_diff.models import DDPM
-from lightning_diff.nets import MLP, UNet
+from lightning_diff.nets import MLP
 
 SAMPLERS = ("ddim", "heun", "ancestral", "teleport_ddim")
 
@@ -47,18 +48,10 @@ def compile_calls(request, monkeypatch):
 
 
 def tiny_ddpm(images: bool) -> DDPM:
-    torch.manual_seed(0)
     if images:
-        net = UNet(
-            in_channels=1,
-            resolution=8,
-            base_channels=8,
-            channel_mult=(1, 2),
-            num_res_blocks=1,
-            attn_resolutions=(4,),
-            dropout=0.0,
-        )
+        net = small_unet(in_channels=1, resolution=8, base_channels=8)
     else:
+        torch.manual_seed(0)
         net = MLP(dim=2, hidden_dim=16, num_layers=2, emb_dim=16)
     return DDPM(net, DiscreteSchedule(num_timesteps=100), sigma_data=0.5, ema_decay=0.0)
 

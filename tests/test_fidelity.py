@@ -8,34 +8,13 @@ import pytest
 import torch
 
 from lightning_diff.errors import ConfigError
-from lightning_diff.metrics.fidelity import UInt8Images, inception_metrics
+from lightning_diff.metrics.fidelity import UInt8Images, inception_metrics, save_random_inception
 
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    """A randomly initialised (default PyTorch init, not degenerate) TF-compatible Inception-v3, saved."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    folder = tmp_path_factory.mktemp("weights")
-    torch.save({}, folder / "empty.pth")
-    # Build the network without loading anything into it: its layers keep their random initialisation.
-    original = fe.FeatureExtractorInceptionV3.load_state_dict
-    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state_dict, *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = fe.FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth")
-        )
-    finally:
-        fe.FeatureExtractorInceptionV3.load_state_dict = original
-    # He initialisation keeps activations at unit scale through the ~50 ReLU layers; PyTorch's
-    # default conv init shrinks them geometrically and every feature would end up ~0.
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = folder / "inception_random.pth"
-    torch.save(net.state_dict(), path)
-    return path
+    """A randomly initialised (He init, not degenerate) TF-compatible Inception-v3, saved."""
+    return save_random_inception(tmp_path_factory.mktemp("weights") / "inception_random.pth")
 
 
 def test_images_are_quantised_and_grey_is_repeated():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, small_unet
 from hydra.utils import instantiate
 
 from lightning_diff.metrics.pipeline import build_suite
@@ -85,18 +85,8 @@ def test_stop_and_resume_on_the_gpu_is_bit_exact(tmp_path):
 def _unet_grads(channels_last: bool, compiled: bool) -> dict[str, torch.Tensor]:
     from lightning_diff.diffusion import DiscreteSchedule
     from lightning_diff.models import DDPM
-    from lightning_diff.nets import UNet
 
-    torch.manual_seed(0)
-    net = UNet(
-        in_channels=3,
-        resolution=16,
-        base_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(8,),
-        dropout=0.0,
-    )
+    net = small_unet(in_channels=3, resolution=16, base_channels=32)
     model = DDPM(
         net, DiscreteSchedule(), sigma_data=0.5, compile=compiled, channels_last=channels_last
     ).cuda()
@@ -124,19 +114,9 @@ def test_compiled_ddim_on_the_gpu_matches_the_eager_loop(mode):
     two batches in a row (the second replays the graph) equal the eager loop's samples."""
     from lightning_diff.diffusion import DiscreteSchedule, Sampler, VPDenoiser, sample_ddim
     from lightning_diff.diffusion.random import SampleGenerators
-    from lightning_diff.nets import UNet
 
-    torch.manual_seed(0)
     schedule = DiscreteSchedule().cuda()
-    net = UNet(
-        in_channels=1,
-        resolution=8,
-        base_channels=32,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(4,),
-        dropout=0.0,
-    )
+    net = small_unet(in_channels=1, resolution=8, base_channels=32)
     denoiser = VPDenoiser(net, schedule, "eps").cuda().eval()
     eager, compiled = Sampler(sample_ddim, 10), Sampler(sample_ddim, 10, compile=mode)
     for seed in (0, 1):

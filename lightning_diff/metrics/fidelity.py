@@ -109,3 +109,33 @@ def inception_metrics(
         verbose=verbose,
     )
     return {NAMES[k]: float(v) for k, v in out.items() if k in NAMES}
+
+
+def save_random_inception(path: str | Path, seed: int = 0) -> Path:
+    """Save torch-fidelity's TF-compatible Inception-v3 with random weights as a state dict that
+    ``weights_path`` loads: for running and timing the pipeline where nothing can be downloaded (its
+    features, and so its FID, mean nothing). Convolutions get He initialisation, which keeps the
+    activations at unit scale through the ~50 ReLU layers (PyTorch's default shrinks them until every
+    feature is ~0)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_name(path.stem + ".empty.pth")
+    torch.save({}, empty)
+    # Build the network without loading anything into it: its layers keep their initialisation.
+    original = fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state_dict, *a, **k: None
+    try:
+        torch.manual_seed(seed)
+        net = fe.FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)
+        )
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = original
+        empty.unlink(missing_ok=True)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path
