@@ -76,6 +76,13 @@ def test_sample_with_a_compiled_sampler_draws_the_eager_samples(ckpt, tmp_path, 
     compiled = sample(compose_named("sample", base + ["sampler.compile=true", f"out={tmp_path / 'b.npy'}"]))
     assert calls == [{}]
     np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
+    # compile= reaches the run's own sampler too (no sampler= given), here Heun
+    own = [f"ckpt={ckpt}", "num_samples=4", "num_steps=3"]
+    heun = sample(compose_named("sample", own + [f"out={tmp_path / 'c.npy'}"]))
+    heun_compiled = sample(compose_named("sample", own + ["compile=true", f"out={tmp_path / 'd.npy'}"]))
+    assert len(calls) == 2
+    np.testing.assert_allclose(heun_compiled, heun, rtol=1e-5, atol=1e-5)
+    assert np.abs(heun - eager).max() > 1e-3  # another sampler than DDIM
 
 
 def test_eval_checkpoint_and_samples_file(ckpt, tmp_path):

@@ -25,10 +25,13 @@ log = logging.getLogger("lightning_diff.cli.sample")
 
 
 def build_sampler(cfg: DictConfig, model) -> Sampler:
-    """The sampler of ``cfg.sampler`` if given, else the model's own; ``cfg.num_steps`` overrides steps."""
+    """The sampler of ``cfg.sampler`` if given, else the model's own; ``cfg.num_steps`` overrides steps
+    and ``cfg.compile`` (when not null) the sampler's ``compile`` mode."""
     sampler = instantiate(cfg.sampler) if cfg.get("sampler") else model.sampler
     if cfg.get("num_steps"):
         sampler = sampler.with_num_steps(cfg.num_steps)
+    if cfg.get("compile") is not None:
+        sampler = sampler.with_compile(cfg.compile)
     return sampler
 
 

@@ -9,6 +9,7 @@ shown in each docstring and checked against diffusers' schedulers in the tests.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from collections.abc import Callable
@@ -206,6 +207,13 @@ class Sampler:
     def with_num_steps(self, num_steps: int) -> Sampler:
         """The same algorithm, spacing and compilation with another step count."""
         return Sampler(self.fn, num_steps=num_steps, spacing=self.spacing, compile=self.compile or False)
+
+    def with_compile(self, compile: bool | str) -> Sampler:
+        """A copy whose denoiser calls go through ``torch.compile`` in ``compile``'s mode (false: eager)."""
+        other = copy.copy(self)
+        other.compile = compile_mode(compile, "compile")
+        other._compiled = weakref.WeakKeyDictionary()
+        return other
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
