@@ -82,20 +82,11 @@ def cells(design: str, samplers, steps, score_errors, horizons, reference: dict[
     return out
 
 
-def mixture_moments(dist: GaussianMixture) -> tuple[Tensor, Tensor]:
-    """Mean and covariance of a Gaussian mixture."""
-    w, means = dist.weights.double(), dist.means.double()
-    mean = w @ means
-    centred = means - mean
-    cov = torch.einsum("k,kij->ij", w, dist.covs.double()) + torch.einsum("k,ki,kj->ij", w, centred, centred)
-    return mean, cov
-
-
-def score_error(dist, kind: str, seed: int) -> ScoreError:
-    """The injected error's shape (``perturbation`` in ``conf/tv.yaml``) for ``dist``."""
-    mean, cov = (dist.mean, dist.cov) if isinstance(dist, Gaussian) else mixture_moments(dist)
+def score_error(dist: Gaussian | GaussianMixture, kind: str, seed: int) -> ScoreError:
+    """The injected error's shape (``perturbation`` in ``conf/tv.yaml``) for ``dist``, normalised
+    through its mean and covariance."""
     try:
-        return ScoreError.named(kind, mean.double(), cov.double(), seed)
+        return ScoreError.named(kind, dist.mean.double(), dist.cov.double(), seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -280,20 +271,17 @@ def run_cell(
     """One cell's row; ``perturbation`` names the shape of the injected score error
     (:class:`~lightning_diff.diffusion.tv_bound.ScoreError`: ``constant`` or ``linear``, the latter
     seeded by ``tv.seed``)."""
-    schedule = VPSDE(beta_min=beta_min, beta_max=cell.horizon, eps=eps)
-    sampler = sampler.with_num_steps(cell.steps)
-    start = time.perf_counter()
-    if isinstance(dist, Gaussian):
-        error = score_error(dist, perturbation, int(tv_options["seed"]))
-        row = gaussian_cell(dist, sampler, cell.sampler, cell, schedule, tv_options, error)
-    elif isinstance(dist, GaussianMixture):
-        error = score_error(dist, perturbation, int(tv_options["seed"]))
-        row = mixture_cell(dist, sampler, cell.sampler, cell, schedule, tv_options, error)
-    else:
+    if not isinstance(dist, (Gaussian, GaussianMixture)):
         raise ConfigError(
             "ld-tv needs a known density with an exact denoiser: data=gaussian or data=gmm, "
             f"got {type(dist).__name__}"
         )
+    schedule = VPSDE(beta_min=beta_min, beta_max=cell.horizon, eps=eps)
+    sampler = sampler.with_num_steps(cell.steps)
+    error = score_error(dist, perturbation, int(tv_options["seed"]))
+    start = time.perf_counter()
+    one_cell = gaussian_cell if isinstance(dist, Gaussian) else mixture_cell
+    row = one_cell(dist, sampler, cell.sampler, cell, schedule, tv_options, error)
     base = {
         "sampler": cell.sampler,
         "steps": cell.steps,

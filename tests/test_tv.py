@@ -35,7 +35,6 @@ from lightning_diff.tv_study import (
     draw_mixture,
     histogram_tv,
     mixture_cell_probabilities,
-    mixture_moments,
     noisy_mixture_log_prob,
     run_cell,
 )
@@ -82,7 +81,7 @@ def test_the_injected_error_has_unit_rms_under_the_noisy_data_at_every_level(kin
     on a mixture (whose error is normalised through its mean and covariance only)."""
     gen = torch.Generator().manual_seed(0)
     mixture = GaussianMixture(num_components=3, radius=2.0, std=0.4)
-    m_mean, m_cov = mixture_moments(mixture)
+    m_mean, m_cov = mixture.mean, mixture.cov
     draws = {
         "gaussian": (MEAN, COV, torch.distributions.MultivariateNormal(MEAN, COV).sample((200_000,))),
         "mixture": (m_mean, m_cov, draw_mixture(mixture)(200_000, gen)),
@@ -101,7 +100,7 @@ def test_the_injected_error_has_unit_rms_under_the_noisy_data_at_every_level(kin
 def test_mixture_moments_equal_monte_carlo():
     mixture = GaussianMixture(means=[[0.0, 1.0], [3.0, -1.0]], stds=[0.5, 1.2], weights=[0.3, 0.7])
     x = draw_mixture(mixture)(400_000, torch.Generator().manual_seed(0))
-    mean, cov = mixture_moments(mixture)
+    mean, cov = mixture.mean, mixture.cov
     torch.testing.assert_close(x.mean(0), mean, atol=0.02, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), cov, atol=0.03, rtol=0)
 

@@ -237,6 +237,19 @@ class GaussianMixture(Distribution):
                 )
         self.weights = w / w.sum()
 
+    @property
+    def mean(self) -> Tensor:
+        """The mixture's mean ``sum_k w_k mu_k`` (float64), as :class:`Gaussian`'s ``mean``."""
+        return self.weights.double() @ self.means.double()
+
+    @property
+    def cov(self) -> Tensor:
+        """The mixture's covariance ``sum_k w_k (C_k + (mu_k - m)(mu_k - m)^T)`` (float64)."""
+        w = self.weights.double()
+        centred = self.means.double() - self.mean
+        within = torch.einsum("k,kij->ij", w, self.covs.double())
+        return within + torch.einsum("k,ki,kj->ij", w, centred, centred)
+
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

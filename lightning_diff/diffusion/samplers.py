@@ -179,9 +179,8 @@ class Sampler:
         if self.compile is None:
             return denoiser
         wrapper = self._compiled.get(denoiser)
-        if wrapper is None or wrapper.mode != self.compile:
-            wrapper = CompiledDenoiser(denoiser, self.compile)
-            self._compiled[denoiser] = wrapper
+        if wrapper is None:
+            wrapper = self._compiled[denoiser] = CompiledDenoiser(denoiser, self.compile)
         return wrapper
 
     def __call__(

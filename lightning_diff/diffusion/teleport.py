@@ -84,9 +84,8 @@ class Teleport(Sampler):
         return max(0, min(k, num_steps - 1))
 
     def with_num_steps(self, num_steps: int) -> Teleport:
-        return Teleport(
-            self.inner, num_steps, self.skip_fraction, self.sigma_skip, self.reference, self.start
-        )
+        inner = self.inner.with_compile(self.compile or False)  # a compile= set on this one stays
+        return Teleport(inner, num_steps, self.skip_fraction, self.sigma_skip, self.reference, self.start)
 
     def __call__(
         self,
