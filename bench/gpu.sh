@@ -9,7 +9,7 @@
 #
 # Parts: machine (always first), throughput (batch sweep 128/256/512 and the compile modes of the
 # 35.7M UNet), profile (one step's kernels by group), sampling (our DDIM, eager and compiled, against
-# diffusers' loop on the 35.7M UNet at batch 256 and 1024), fid (50k samples, Inception features and
+# diffusers' loop on the 35.7M UNet at batch 256 and 1024; one noise draw per source), fid (50k samples, Inception features and
 # FID/KID against cached reference statistics, timed), small_nets (the moons MLP step against a plain
 # loop at growing batch sizes), gpu_tests (pytest -m gpu), and the first round's unet_throughput, train_overhead,
 # train_overhead_cifar, sampler_vs_diffusers, metrics, optimizer_step, demo_all_switches (samplers
@@ -55,6 +55,7 @@ if [ "${SMALL:-0}" = 1 ]; then
     profile="batch=2 resolution=8 variant=fused warmup=1 steps=1 top=10"
     sampling="num_samples=4,8 steps=3 repeats=1 compile=false"
     fid="num_samples=64 batch=32 steps=2 compile=false bf16=false feature_batch=32"
+    noise="batch=4,8 draws=2 warmup=1 repeats=1"
     small="case=mlp steps=10 warmup=5 repeats=1 workers=0"
 else
     unet="batch=128 steps=20 warmup=5 repeats=3 peak_tflops=989 variants=fp32,bf16,channels_last,fused,all,compile"
@@ -70,6 +71,7 @@ else
     profile="batch=256 variant=all warmup=5 steps=2 top=20"
     sampling="net=cifar num_samples=256,1024 steps=50 repeats=2 bf16=true compile=false,reduce-overhead"
     fid="num_samples=50000 batch=1024 steps=50 compile=reduce-overhead bf16=true"
+    noise="batch=256,1024 draws=10 warmup=2 repeats=5"
     small="case=mlp steps=200 warmup=20 repeats=2 workers=0 batch=128,1024,4096"
 fi
 
@@ -82,11 +84,14 @@ if wanted throughput; then
 fi
 # inductor's cache holds the batch-256 `all` graph from the sweep, so this one compiles in seconds
 wanted profile && part profile_step 90 "$py" bench/profile_step.py $profile
-wanted sampling && part sampling_cifar 170 "$py" bench/sampler_vs_diffusers.py $sampling
+if wanted sampling; then
+    part sampling_cifar 170 "$py" bench/sampler_vs_diffusers.py $sampling
+    part noise_draws 30 "$py" bench/noise_draws.py $noise
+fi
 wanted fid && part fid_at_scale 240 "$py" bench/fid_at_scale.py $fid
 wanted small_nets && part small_nets 60 "$py" bench/train_overhead.py $small
 wanted gpu_tests && part gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_paths.py \
-    tests/test_gpu.py
+    tests/test_gpu.py tests/test_counter_noise.py
 wanted unet_throughput && part unet_throughput 190 "$py" bench/unet_throughput.py $unet
 wanted train_overhead && part train_overhead 100 "$py" bench/train_overhead.py $overhead
 wanted train_overhead_cifar && part train_overhead_cifar 60 "$py" bench/train_overhead.py $cifar

@@ -12,8 +12,15 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_diff.diffusion.random import SampleGenerators
+from lightning_diff.diffusion.random import CounterNoise, SampleGenerators
 from lightning_diff.diffusion.samplers import Sampler
+from lightning_diff.errors import ConfigError
+
+#: ``noise=`` of :func:`generate`, ld-sample and ld-eval: where sample ``i``'s noise comes from.
+#: ``generators``: a ``torch.Generator`` per sample (one kernel per sample and draw); ``philox``:
+#: Philox4x32-10 streams keyed by ``(seed, i)``, the whole batch at once. Both make the samples
+#: independent of the batch size and process count; they are different streams (other samples).
+NOISE_SOURCES = {"generators": SampleGenerators, "philox": CounterNoise}
 
 
 def shard_indices(num_samples: int, rank: int = 0, world_size: int = 1) -> range:
@@ -48,12 +55,16 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     use_ema: bool = True,
+    noise: str = "generators",
 ) -> tuple[Tensor, int]:
-    """Samples for the given indices, in index order, and the model evaluations per sample."""
+    """Samples for the given indices, in index order, and the model evaluations per sample;
+    ``noise`` picks the per-sample noise source (:data:`NOISE_SOURCES`)."""
+    if noise not in NOISE_SOURCES:
+        raise ConfigError(f"unknown noise={noise!r}: use one of {', '.join(NOISE_SOURCES)}")
     chunks, nfe = [], 0
     for start in range(0, len(indices), batch_size):
         block = indices[start : start + batch_size]
-        gens = SampleGenerators(block, seed=seed, device=model.device)
+        gens = NOISE_SOURCES[noise](block, seed=seed, device=model.device)
         x, nfe = model.sample(len(block), data_shape, sampler=sampler, generator=gens, use_ema=use_ema)
         chunks.append(x)
     if not chunks:

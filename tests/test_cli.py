@@ -236,3 +236,27 @@ def test_sample_exact_draws_a_closed_form_model_and_refuses_a_network(ckpt, tmp_
     assert (torch.cov(flat.T) - torch.cov(data.T)).abs().max() < 0.06
     with pytest.raises(ConfigError, match="sampler=exact needs"):
         sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=2", f"out={out}", "sampler=exact"]))
+
+
+def test_sample_with_philox_noise_follows_its_streams_on_any_batch_size(ckpt, tmp_path):
+    """noise=philox: sample i is drawn from CounterNoise's streams for (seed, i), whatever the batch."""
+    from lightning_diff.diffusion.random import CounterNoise
+
+    common = [f"ckpt={ckpt}", "num_samples=6", "sampler=ancestral", "num_steps=3", "seed=7"]
+    philox = [
+        sample(
+            compose_named("sample", [*common, "noise=philox", f"batch_size={b}", f"out={tmp_path / 'p.npy'}"])
+        )
+        for b in (4, 6)
+    ]
+    np.testing.assert_allclose(philox[0], philox[1], rtol=1e-5, atol=1e-6)  # the network's batch numerics
+    model, _ = load_model(ckpt, torch.device("cpu"))
+    sampler = Sampler(sample_ancestral, 3)
+    direct, _ = model.sample(
+        6, (1, 8, 8), sampler=sampler, generator=CounterNoise(range(6), seed=7), use_ema=True
+    )
+    np.testing.assert_array_equal(philox[1], direct.numpy())
+    generators = sample(compose_named("sample", [*common, f"out={tmp_path / 'g.npy'}"]))
+    assert np.abs(generators - philox[0]).min() > 0  # another stream: no sample in common
+    with pytest.raises(ConfigError, match="noise="):
+        sample(compose_named("sample", [*common, "noise=xorshift", f"out={tmp_path / 'x.npy'}"]))

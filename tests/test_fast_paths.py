@@ -277,6 +277,34 @@ def test_cached_ema_update_matches_averaged_model_bit_for_bit():
     assert pickle.loads(pickle.dumps(fast))._cache is None
 
 
+def test_ema_follows_the_warmed_up_recursion_written_out():
+    """Against the recursion by hand, in float64: the first update copies the weights, then
+    e_k = d_k e_(k-1) + (1 - d_k) w_k with d_k = min(decay, (1 + n) / (10 + n)), n = k - 1 updates so far;
+    without warm-up d_k = decay. Each run is also far from the other schedule's recursion."""
+
+    def recursion(history, warmup):
+        expected = history[0]
+        for n, weights in enumerate(history[1:], start=1):
+            d = min(0.95, (1 + n) / (10 + n)) if warmup else 0.95
+            expected = [d * e + (1 - d) * w for e, w in zip(expected, weights, strict=True)]
+        return torch.cat([e.reshape(-1) for e in expected])
+
+    for warmup in (True, False):
+        torch.manual_seed(1)
+        net = tiny_mlp()
+        ema = ExponentialAverage(net, EMAUpdate(0.95, warmup))
+        history = []
+        for _ in range(40):
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(torch.randn_like(p))
+            ema.update_parameters(net)
+            history.append([p.detach().double().clone() for p in net.parameters()])
+        got = torch.cat([p.detach().double().reshape(-1) for p in ema.module.parameters()])
+        torch.testing.assert_close(got, recursion(history, warmup), rtol=1e-5, atol=1e-5)
+        assert (got - recursion(history, not warmup)).abs().max() > 0.1
+
+
 def test_nan_loss_is_reported_with_its_first_step_before_any_checkpoint(tmp_path):
     """Losses are checked at logging steps and before checkpoints; the error names the first bad step."""
     model = ddpm(tiny_mlp())

@@ -158,7 +158,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
         "trainer.gradient_clip_val=null",
         "callbacks.checkpoint.every_n_train_steps=1",
     ]
-    with pytest.raises(FloatingPointError, match="train/loss is .* at step"):
+    with pytest.raises(FloatingPointError, match="train/loss is .* at step 1: lower model.optimizer.lr"):
         train(compose_train(overrides, tmp_path / "run"))
-    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] >= 1
+    folder = tmp_path / "run" / "checkpoints"
+    # The first step's weights are saved; the step whose loss blew up wrote nothing.
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step0000001.ckpt"]
+    ckpt = read_checkpoint(folder / "last.ckpt")
+    assert ckpt["global_step"] == 1
+    tensors = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert tensors and all(bool(torch.isfinite(v).all()) for v in tensors)

@@ -14,8 +14,8 @@ from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
 from lightning_diff.generation import gather_shards, generate, shard_indices
 from lightning_diff.metrics.pipeline import (
+    build_inception,
     build_suite,
-    inception,
     memorization_rows,
     save_memorization_figures,
     wandb_table,
@@ -67,6 +67,7 @@ class SampleEvaluation(PeriodicCallback):
         self.num_pairs = num_pairs
         self.table_rows = table_rows
         self._suite = None
+        self._inception = None
 
     def suite(self, trainer, device: torch.device):
         if self._suite is None:
@@ -82,6 +83,15 @@ class SampleEvaluation(PeriodicCallback):
             ).to(device)
         self._suite.reset()
         return self._suite
+
+    def inception_metrics(self, trainer, device: torch.device):
+        """The Inception metrics (built once: the network loads once), emptied; None when off."""
+        if self._inception is None:
+            self._inception = build_inception(trainer.datamodule, self.inception, self.cache_dir)
+        if self._inception is not None:
+            self._inception = self._inception.to(device)
+            self._inception.reset()
+        return self._inception
 
     def run(self, trainer: L.Trainer, pl_module) -> dict[str, float]:
         dm = trainer.datamodule
@@ -105,9 +115,11 @@ class SampleEvaluation(PeriodicCallback):
             self.num_pairs,
             write=trainer.is_global_zero,
         )
-        if trainer.is_global_zero:
-            # torch-fidelity has no collectives: rank 0 alone computes Inception metrics.
-            metrics.update(inception(samples, dm, self.inception, self.cache_dir))
+        inception = self.inception_metrics(trainer, pl_module.device)
+        if inception is not None:  # each rank featurises its own block; compute gathers them
+            if len(local):
+                inception.update(local)
+            metrics.update(inception.compute())
         metrics["nfe"] = float(nfe)
         publish_metrics(
             trainer,

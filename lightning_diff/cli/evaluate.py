@@ -10,6 +10,7 @@ directory's, or ``out=``) and ends with a summary: the files, the metrics as a t
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +23,7 @@ from lightning_diff.checkpoints import fetch_checkpoint, load_model
 from lightning_diff.cli import CONF_DIR, entry_point, pick_device
 from lightning_diff.cli.sample import build_sampler
 from lightning_diff.errors import ConfigError, DataError
-from lightning_diff.generation import generate
+from lightning_diff.generation import gather_shards, generate, shard_indices
 from lightning_diff.metrics.likelihood import heldout_data, likelihood_metrics, log_likelihoods
 from lightning_diff.metrics.pipeline import (
     evaluate_samples,
@@ -51,15 +52,19 @@ def load_samples(path: str | Path, data_shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
-def heldout_likelihood(cfg: DictConfig, model, datamodule) -> dict[str, float]:
+def heldout_likelihood(cfg: DictConfig, model, datamodule, rank: int = 0, world_size: int = 1, gather=None):
     """``bits_per_dim`` or ``nll_nats_per_dim`` of ``likelihood.num_samples`` held-out samples
-    (a fixed random draw)."""
+    (a fixed random draw; row ``i`` draws its probes from ``(sample_seed, i)``). Under DDP each rank
+    integrates its contiguous block of rows and ``gather`` (Fabric's) collects them."""
     options = OmegaConf.to_container(cfg.likelihood, resolve=True)
     options.pop("enabled")
     data = heldout_data(datamodule, options.pop("num_samples"))
+    block = shard_indices(len(data), rank, world_size)
     logp, nfe = log_likelihoods(
-        model, data, range(len(data)), cfg.sample_seed, cfg.batch_size, cfg.use_ema, **options
+        model, data[block.start : block.stop], block, cfg.sample_seed, cfg.batch_size, cfg.use_ema, **options
     )
+    logp = gather_shards(gather, logp, len(data), world_size)
+    nfe = gather_shards(gather, nfe, len(data), world_size)
     return likelihood_metrics(logp, nfe, tuple(datamodule.data_shape))
 
 
@@ -91,31 +96,75 @@ def log_to_wandb(
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Sample from ``cfg.ckpt`` or read ``cfg.samples``; compare with the data; write and return metrics."""
+    """Sample from ``cfg.ckpt`` or read ``cfg.samples``; compare with the data; write and return metrics.
+
+    With ``devices=N`` (N > 1) N processes (one per GPU, or gloo processes on the CPU) share the work:
+    each samples and featurises a contiguous block of sample indices (and of held-out rows for the
+    likelihood), every metric reduces its states across them, and rank 0 writes the files. Sample
+    ``i`` comes from ``(sample_seed, i)`` on any number of processes, so the metrics are those of one.
+    """
     if bool(cfg.get("ckpt")) == bool(cfg.get("samples")):
         raise ConfigError("give exactly one of ckpt=PATH or samples=FILE.npy (with data=...)")
     likelihood = cfg.get("likelihood") or {}
     if likelihood.get("enabled") and not cfg.ckpt:
         raise ConfigError("likelihood.enabled=true needs a model: pass ckpt=PATH instead of samples=")
+    if not cfg.ckpt and not cfg.get("data"):
+        raise ConfigError("samples=FILE.npy needs data=NAME (the data set to compare with), e.g. data=digits")
+    devices = cfg.get("devices", 1)
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"devices={devices} is not a process count: give devices=1 or more (one per GPU)")
+    # Resolve once, here: the checkpoint (a wandb Artifact is downloaded once) and every interpolation.
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    local = fetch_checkpoint(cfg.ckpt) if cfg.ckpt else None
+    if devices == 1:
+        result = _evaluate(cfg, local, pick_device(cfg.device))
+    else:
+        from lightning.fabric import Fabric
+
+        device = pick_device(cfg.device)
+        if device.type == "cuda" and devices > torch.cuda.device_count():
+            raise ConfigError(
+                f"devices={devices} but {torch.cuda.device_count()} GPUs are visible: give devices=N with N "
+                "at most the GPU count (or device=cpu for gloo processes)"
+            )
+        fabric = Fabric(accelerator=device.type, devices=devices, strategy="ddp_spawn")
+        result = fabric.launch(_evaluate_on, cfg, local)
+    metrics, title, paths, named, wandb_where = result
+    log.info("%s", run_summary(title, paths, named, wandb_where))
+    return metrics
+
+
+def _evaluate_on(fabric, cfg: DictConfig, local: Path | None):
+    """One of ``fabric.world_size`` processes of a sharded ``ld-eval``."""
+    if fabric.global_rank == 0:  # spawned processes start without the CLI's logging set-up
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    return _evaluate(cfg, local, fabric.device, fabric)
+
+
+def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=None):
+    """This process's share of the evaluation; rank 0 writes the files. Returns the metrics and what
+    the summary shows."""
+    rank, world_size = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
     extra: dict = {}
-    if cfg.ckpt:
-        local = fetch_checkpoint(cfg.ckpt)  # a path, or a wandb Artifact downloaded
-        model, run_cfg = load_model(local, pick_device(cfg.device))
+    if local is not None:
+        model, run_cfg = load_model(local, device)
         datamodule = instantiate(cfg.data) if cfg.get("data") else instantiate(run_cfg.data)
         datamodule.setup("fit")
         sampler = build_sampler(cfg, model)
-        samples, nfe = generate(
+        num_samples = int(cfg.num_samples)
+        mine, nfe = generate(
             model,
-            range(cfg.num_samples),
+            shard_indices(num_samples, rank, world_size),
             tuple(datamodule.data_shape),
             sampler,
             cfg.sample_seed,
             cfg.batch_size,
             cfg.use_ema,
+            cfg.get("noise", "generators"),
         )
-        extra = {"nfe": float(nfe)}
-        if likelihood.get("enabled"):
-            extra.update(heldout_likelihood(cfg, model, datamodule))
+        if (cfg.get("likelihood") or {}).get("enabled"):
+            extra.update(heldout_likelihood(cfg, model, datamodule, rank, world_size, fabric))
+        extra = {"nfe": float(nfe), **extra}
         default_out = local.resolve().parent.parent / "metrics.json"
         meta = {
             "ckpt": str(cfg.ckpt),
@@ -123,35 +172,55 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "sampler": repr(sampler),
         }
     else:
-        if not cfg.get("data"):
-            raise ConfigError(
-                "samples=FILE.npy needs data=NAME (the data set to compare with), e.g. data=digits"
-            )
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
-        samples = load_samples(cfg.samples, tuple(datamodule.data_shape))
+        every = load_samples(cfg.samples, tuple(datamodule.data_shape))
+        num_samples = len(every)
+        block = shard_indices(num_samples, rank, world_size)
+        mine = every[block.start : block.stop].to(device)
         default_out = Path(cfg.samples).with_suffix(".metrics.json")
         meta = {"samples": str(cfg.samples)}
     inception_options = OmegaConf.to_container(cfg.inception, resolve=True) if cfg.get("inception") else None
     metrics, suite = evaluate_samples(
-        samples, datamodule, cfg.feature_space, cfg.kid, cfg.sample_seed, cfg.cache_dir, inception_options
+        mine,
+        datamodule,
+        cfg.feature_space,
+        cfg.kid,
+        cfg.sample_seed,
+        cfg.cache_dir,
+        inception_options,
+        rank,
+        world_size,
+        num_samples,
     )
     metrics.update(extra)
+    samples = gather_shards(fabric, mine, num_samples, world_size).cpu()
     named = {f"eval/{k}": v for k, v in metrics.items()}
     out_path = Path(cfg.out or default_out)
-    out = write_metrics(out_path, named, num_samples=len(samples), **meta)
+    if rank == 0:
+        out = write_metrics(out_path, named, num_samples=num_samples, devices=world_size, **meta)
     figures = save_memorization_figures(
-        suite, samples, datamodule.train_tensor(), out_path.parent / "eval", "ld_eval", cfg.num_pairs
+        suite,
+        samples,
+        datamodule.train_tensor(),
+        out_path.parent / "eval",
+        "ld_eval",
+        cfg.num_pairs,
+        write=rank == 0,
     )
     wandb_where = None
     if cfg.get("wandb") and cfg.wandb.enabled:
         rows = memorization_rows(suite, samples, datamodule.train_tensor(), cfg.wandb.table_rows)
-        wandb_where = log_to_wandb(cfg, named, figures, out_path.parent, wandb_table(rows) if rows else None)
+        if rank == 0:
+            table = wandb_table(rows) if rows else None
+            wandb_where = log_to_wandb(cfg, named, figures, out_path.parent, table)
+    if rank != 0:
+        return metrics, "", {}, named, None
     source = f"{cfg.ckpt} (step {meta['step']})" if cfg.ckpt else str(cfg.samples)
-    title = f"ld-eval finished: {len(samples)} samples of {source}"
+    on = f" on {world_size} processes" if world_size > 1 else ""
+    title = f"ld-eval finished: {num_samples} samples of {source}{on}"
     paths = {"metrics": out, "figures": figures[0].parent if figures else None}
-    log.info("%s", run_summary(title, paths, named, wandb_where))
-    return metrics
+    return metrics, title, paths, named, wandb_where
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

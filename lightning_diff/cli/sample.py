@@ -42,7 +42,14 @@ def sample(cfg: DictConfig):
     sampler = build_sampler(cfg, model)
     data_shape = tuple(model.run_meta["data_shape"])
     samples, nfe = generate(
-        model, range(cfg.num_samples), data_shape, sampler, cfg.seed, cfg.batch_size, cfg.use_ema
+        model,
+        range(cfg.num_samples),
+        data_shape,
+        sampler,
+        cfg.seed,
+        cfg.batch_size,
+        cfg.use_ema,
+        cfg.get("noise", "generators"),
     )
     array = samples.float().cpu().numpy()
     out = Path(cfg.out)

@@ -8,7 +8,7 @@ and ``sigma``, return an estimate of ``E[x0 | x]``.
 from lightning_diff.diffusion.denoisers import Denoiser, GaussianDenoiser, SDEDenoiser, VPDenoiser
 from lightning_diff.diffusion.log_likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from lightning_diff.diffusion.ode import sample_heun, sample_ode_adaptive, solve_dopri5
-from lightning_diff.diffusion.random import SampleGenerators, randn
+from lightning_diff.diffusion.random import CounterNoise, SampleGenerators, randn
 from lightning_diff.diffusion.samplers import Sampler, sample_ancestral, sample_ddim
 from lightning_diff.diffusion.schedules import DiscreteSchedule
 from lightning_diff.diffusion.sde_samplers import sample_euler_maruyama, sample_exponential, sample_pc
@@ -19,6 +19,7 @@ __all__ = [
     "SDE",
     "VESDE",
     "VPSDE",
+    "CounterNoise",
     "Denoiser",
     "DiscreteSchedule",
     "GaussianDenoiser",

@@ -13,12 +13,15 @@ All returned names carry the feature space (``NAMES``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from lightning_diff.errors import ConfigError
 from lightning_diff.plotting import to_uint8
@@ -34,17 +37,23 @@ NAMES = {
     "recall": "recall_inception",
     "f_score": "f_score_inception",
 }
+EXTRACTOR = "inception-v3-compat"
+# torch-fidelity's feature layer of each metric for this extractor.
+LAYERS = {"fid": "2048", "kid": "2048", "prc": "2048", "isc": "logits_unbiased"}
+
+
+def quantised(images: Tensor) -> Tensor:
+    """N x 1 or N x 3 x H x W images in [-1, 1] (or uint8) as uint8, on their device."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ConfigError(f"Inception metrics need N x 1 or N x 3 x H x W images, got {tuple(images.shape)}")
+    return images if images.dtype == torch.uint8 else to_uint8(images)
 
 
 class UInt8Images(Dataset):
     """Images in [-1, 1] (or uint8) served as uint8 3 x H x W tensors, as torch-fidelity expects."""
 
     def __init__(self, images: Tensor):
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ConfigError(
-                f"Inception metrics need N x 1 or N x 3 x H x W images, got {tuple(images.shape)}"
-            )
-        self.images = images if images.dtype == torch.uint8 else to_uint8(images.detach().cpu())
+        self.images = quantised(images.detach().cpu())
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,47 +77,152 @@ def _weights_key(weights_path: str | Path | None) -> str:
     return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
+class InceptionMetrics(Metric):
+    """FID, KID, Inception Score and precision/recall of generated images against ``reference``,
+    with torch-fidelity's TF-compatible Inception-v3, as a torchmetrics ``Metric``.
+
+    ``update`` turns a batch of generated images (N x C x H x W, in [-1, 1] or uint8) into Inception
+    features on the metric's device and keeps them in ``cat`` states; ``compute`` gathers every
+    process's features in rank order (so processes that each feed a contiguous block of sample
+    indices rebuild the single-process order and every value, KID's random subsets included) and
+    scores them with torch-fidelity's own functions. The reference's features and FID statistics
+    come from torch-fidelity's cache under ``cache_dir``, keyed by ``reference_name`` and the
+    weights file (computed on the first evaluation; under DDP every rank reads or computes them,
+    and writes are atomic). ``compute`` is a collective: call it on every rank.
+    """
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        reference: Tensor,
+        reference_name: str | None = None,
+        fid: bool = True,
+        kid: bool = True,
+        isc: bool = False,
+        prc: bool = False,
+        weights_path: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 64,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+        verbose: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        from torch_fidelity.utils import create_feature_extractor
+
+        if not (fid or kid or isc or prc):
+            raise ConfigError("InceptionMetrics with fid, kid, isc and prc all false computes nothing")
+        self.enabled = {"fid": fid, "kid": kid, "isc": isc, "prc": prc}
+        self.layers = sorted({LAYERS[name] for name, on in self.enabled.items() if on})
+        self.reference = UInt8Images(reference)
+        self.batch_size = int(batch_size)
+        self.options = {
+            "kid_subsets": int(kid_subsets),
+            "kid_subset_size": int(kid_subset_size),
+            "isc_splits": int(isc_splits),
+            "verbose": bool(verbose),
+        }
+        weights_key = _weights_key(weights_path)  # a missing file is a ConfigError before any work
+        cache = reference_name is not None and cache_dir is not None
+        self.cache_options = {
+            "cache": cache,
+            "cache_root": str(cache_dir) if cache else None,
+            "input2_cache_name": f"{reference_name}-{weights_key}" if cache else None,
+        }
+        self.extractor = create_feature_extractor(
+            EXTRACTOR,
+            self.layers,
+            cuda=False,
+            feature_extractor_weights_path=str(weights_path) if weights_path else None,
+            verbose=bool(verbose),
+        )
+        for layer in self.layers:
+            self.add_state(_state(layer), default=[], dist_reduce_fx="cat")
+
+    @torch.no_grad()
+    def update(self, images: Tensor) -> None:
+        for chunk in quantised(images.detach()).split(self.batch_size):
+            chunk = chunk.to(self.device, non_blocking=True)
+            if chunk.shape[1] == 1:
+                chunk = chunk.expand(-1, 3, -1, -1)
+            found = self.extractor.convert_features_tuple_to_dict(self.extractor(chunk))
+            for layer in self.layers:
+                getattr(self, _state(layer)).append(found[layer].float())
+
+    def features(self) -> dict[str, Tensor]:
+        """The generated images' features, by layer, gathered (after ``compute``) or local."""
+        return {layer: dim_zero_cat(getattr(self, _state(layer))).cpu() for layer in self.layers}
+
+    def _reference_kwargs(self) -> dict:
+        cuda = self.device.type == "cuda"
+        return {
+            "input2": self.reference,
+            "batch_size": self.batch_size,
+            "cuda": cuda,
+            "save_cpu_ram": True,  # images in memory: no loader workers
+            "samples_shuffle": False,
+            **self.options,
+            **self.cache_options,
+        }
+
+    def compute(self) -> dict[str, float]:
+        from torch_fidelity.metric_fid import (
+            fid_featuresdict_to_statistics,
+            fid_input_id_to_statistics_cached,
+            fid_statistics_to_metric,
+        )
+        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+        from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+        from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
+
+        if len(getattr(self, _state(self.layers[0]))) == 0:  # a list, or a tensor once synced
+            raise ConfigError("Inception metrics of no images: feed generated images to update() first")
+        generated = self.features()
+        kw = self._reference_kwargs()
+        subset = min(kw["kid_subset_size"], len(generated[self.layers[0]]), len(self.reference))
+        kw["kid_subset_size"] = subset
+        device = torch.cuda.device(self.device) if kw["cuda"] else contextlib.nullcontext()
+        out: dict[str, float] = {}
+        with device:  # torch-fidelity moves reference batches to the current CUDA device
+            reference = None
+            if self.enabled["kid"] or self.enabled["prc"]:
+                reference = extract_featuresdict_from_input_id_cached(2, self.extractor, **kw)
+            if self.enabled["isc"]:
+                out.update(isc_featuresdict_to_metric(generated, LAYERS["isc"], **kw))
+            if self.enabled["fid"]:
+                mine = fid_featuresdict_to_statistics(generated, LAYERS["fid"])
+                theirs = fid_input_id_to_statistics_cached(2, self.extractor, LAYERS["fid"], **kw)
+                out.update(fid_statistics_to_metric(mine, theirs, kw["verbose"]))
+            if self.enabled["kid"]:
+                out.update(kid_featuresdict_to_metric(generated, reference, LAYERS["kid"], **kw))
+            if self.enabled["prc"]:
+                out.update(prc_featuresdict_to_metric(generated, reference, LAYERS["prc"], **kw))
+        return {NAMES[k]: float(v) for k, v in out.items() if k in NAMES}
+
+
+def _state(layer: str) -> str:
+    return f"features_{layer}"
+
+
 def inception_metrics(
     samples: Tensor,
     reference: Tensor,
     reference_name: str | None = None,
-    fid: bool = True,
-    kid: bool = True,
-    isc: bool = False,
-    prc: bool = False,
-    weights_path: str | Path | None = None,
-    cache_dir: str | Path | None = None,
-    batch_size: int = 64,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
     device: str = "auto",
-    verbose: bool = False,
+    **options,
 ) -> dict[str, float]:
-    """Compare ``samples`` with ``reference`` (both N x C x H x W, in [-1, 1] or uint8) in Inception space."""
-    import torch_fidelity
-
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    cache = reference_name is not None and cache_dir is not None
-    subset = min(kid_subset_size, len(samples), len(reference))
-    out = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(samples),
-        input2=UInt8Images(reference),
-        cuda=cuda,
-        batch_size=batch_size,
-        fid=fid,
-        kid=kid,
-        isc=isc,
-        prc=prc,
-        kid_subsets=kid_subsets,
-        kid_subset_size=subset,
-        feature_extractor_weights_path=str(weights_path) if weights_path else None,
-        cache=cache,
-        cache_root=str(cache_dir) if cache_dir else None,
-        input2_cache_name=f"{reference_name}-{_weights_key(weights_path)}" if cache else None,
-        samples_shuffle=False,
-        verbose=verbose,
-    )
-    return {NAMES[k]: float(v) for k, v in out.items() if k in NAMES}
+    """Compare ``samples`` with ``reference`` (both N x C x H x W, in [-1, 1] or uint8) in Inception
+    space, in one process: :class:`InceptionMetrics` fed every sample. ``device="auto"``: CUDA when
+    available."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    metric = InceptionMetrics(reference, reference_name, **options).to(device)
+    metric.update(samples)
+    return metric.compute()
 
 
 def save_random_inception(path: str | Path, seed: int = 0) -> Path:

@@ -47,17 +47,15 @@ def build_suite(
     )
 
 
-def inception(
-    samples: Tensor, datamodule, options: dict[str, Any] | None, cache_dir: str | Path | None
-) -> dict[str, float]:
-    """Inception metrics through torch-fidelity when ``options['enabled']`` (images only)."""
+def build_inception(datamodule, options: dict[str, Any] | None, cache_dir: str | Path | None):
+    """The Inception metrics (torch-fidelity, :class:`~lightning_diff.metrics.fidelity.InceptionMetrics`)
+    when ``options['enabled']`` and the data are images, else None. On the CPU: move it with ``.to``."""
     if not options or not options.get("enabled") or not datamodule.is_image:
-        return {}
-    from lightning_diff.metrics.fidelity import inception_metrics
+        return None
+    from lightning_diff.metrics.fidelity import InceptionMetrics
 
     opts = {k: v for k, v in options.items() if k != "enabled"}
-    return inception_metrics(
-        samples,
+    return InceptionMetrics(
         datamodule.train_tensor(),
         reference_name=reference_key(datamodule, "inception"),
         cache_dir=Path(cache_dir) / "fidelity" if cache_dir else None,
@@ -73,14 +71,30 @@ def evaluate_samples(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     inception_options: dict[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_samples: int | None = None,
 ) -> tuple[dict[str, float], EvaluationSuite]:
-    """All metrics of ``samples`` in one process; returns the values and the suite (for figures)."""
-    suite = build_suite(datamodule, feature_space, kid, seed, cache_dir)
-    for chunk in samples.split(1000):
+    """All metrics of ``samples``; returns the values and the suite (for figures).
+
+    Under DDP each rank passes its contiguous block of the ``num_samples`` samples (default: all of
+    ``samples``, one process); every metric reduces its states across ranks, so every rank gets the
+    single-process values. Runs on the samples' device; a collective: call on every rank. Rank 0
+    alone writes the reference statistics to ``cache_dir``.
+    """
+    device = samples.device
+    cache = cache_dir if rank == 0 else None
+    suite = build_suite(datamodule, feature_space, kid, seed, cache, rank, world_size).to(device)
+    for chunk in samples.split(1000) if len(samples) else []:
         suite.update(chunk)
     values = suite.compute()
-    values.update(suite.baselines(len(samples)))
-    values.update(inception(samples, datamodule, inception_options, cache_dir))
+    values.update(suite.baselines(len(samples) if num_samples is None else num_samples))
+    inception = build_inception(datamodule, inception_options, cache_dir)
+    if inception is not None:
+        inception = inception.to(device)
+        if len(samples):
+            inception.update(samples)
+        values.update(inception.compute())
     return values, suite
 
 
