@@ -111,3 +111,12 @@ def test_inception_metrics_fed_by_two_processes_equal_one(tmp_path):
         # Features of the same image in another batch differ in the last bits: KID's spread of
         # 5 subsets (1.8e-4) moves by 2e-7.
         assert result == pytest.approx(single, rel=1e-5, abs=1e-6), rank
+
+
+def test_fewer_samples_than_processes_is_a_config_error(ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="fewer than devices=2"):
+        evaluate(
+            compose_named(
+                "eval", [f"ckpt={ckpt}", "devices=2", "num_samples=1", f"out={tmp_path / 'm.json'}"]
+            )
+        )

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_diff.checkpoints import fetch_checkpoint, load_model
-from lightning_diff.cli import CONF_DIR, entry_point, pick_device
+from lightning_diff.cli import CONF_DIR, entry_point, pick_device, third_party_notices_hidden
 from lightning_diff.cli.sample import build_sampler
 from lightning_diff.errors import ConfigError, DataError
 from lightning_diff.generation import gather_shards, generate, shard_indices
@@ -113,6 +113,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     devices = cfg.get("devices", 1)
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"devices={devices} is not a process count: give devices=1 or more (one per GPU)")
+    if cfg.ckpt and cfg.num_samples < devices:
+        raise ConfigError(
+            f"num_samples={cfg.num_samples} is fewer than devices={devices}: every process needs samples"
+        )
     # Resolve once, here: the checkpoint (a wandb Artifact is downloaded once) and every interpolation.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     local = fetch_checkpoint(cfg.ckpt) if cfg.ckpt else None
@@ -136,9 +140,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def _evaluate_on(fabric, cfg: DictConfig, local: Path | None):
     """One of ``fabric.world_size`` processes of a sharded ``ld-eval``."""
-    if fabric.global_rank == 0:  # spawned processes start without the CLI's logging set-up
+    if fabric.global_rank == 0:  # spawned processes start without the CLI's logging and filters
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    return _evaluate(cfg, local, fabric.device, fabric)
+    with third_party_notices_hidden():
+        return _evaluate(cfg, local, fabric.device, fabric)
 
 
 def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=None):

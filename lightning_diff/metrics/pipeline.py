@@ -49,7 +49,7 @@ def build_suite(
 
 def build_inception(datamodule, options: dict[str, Any] | None, cache_dir: str | Path | None):
     """The Inception metrics (torch-fidelity, :class:`~lightning_diff.metrics.fidelity.InceptionMetrics`)
-    when ``options['enabled']`` and the data are images, else None. On the CPU: move it with ``.to``."""
+    when ``options['enabled']`` and the data are images, else None. Built on the CPU: move it with ``.to``."""
     if not options or not options.get("enabled") or not datamodule.is_image:
         return None
     from lightning_diff.metrics.fidelity import InceptionMetrics
