@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import pickle
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -82,3 +86,33 @@ def small_unet(in_channels: int = 1, resolution: int = 8, base_channels: int = 8
         attn_resolutions=(resolution // 2,),
         dropout=0.0,
     )
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the IDX format MNIST ships in: magic 0x0008<ndim>, big-endian dims."""
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_torchvision_files(root: Path, dataset: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Tiny files in torchvision's layout under ``root``: ``images`` (N x H x W for the MNIST sets,
+    N x 32 x 32 x 3 for CIFAR-10, uint8) as both splits. MNIST and Fashion-MNIST are IDX files in
+    ``<Class>/raw``; CIFAR-10 is the pickled batches of ``cifar-10-batches-py`` (five training batches
+    sharing the rows in order, a test batch, the meta file). torchvision checks CIFAR-10's files by
+    MD5: the caller replaces ``torchvision.datasets.cifar.check_integrity`` with a file-exists test."""
+    if dataset in ("mnist", "fashion_mnist"):
+        raw = root / {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[dataset] / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "t10k"):
+            write_idx(raw / f"{split}-images-idx3-ubyte", images)
+            write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+        return
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)  # torchvision stores C x H x W rows
+    parts = np.array_split(np.arange(len(images)), 5)
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    for name, part in [*zip(names, parts, strict=True), ("test_batch", np.arange(len(images)))]:
+        batch = {"data": rows[part], "labels": [int(v) for v in labels[part]]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))

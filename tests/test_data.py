@@ -1,18 +1,19 @@
 """Tests of lightning_diff.data: shapes, ranges, seeding, splits, batch sizes, densities, file errors.
 
 Everything runs offline: images come from scikit-learn's bundled digits, from PNGs written here, or
-from tiny MNIST-format files written here in torchvision's layout.
+from tiny MNIST, Fashion-MNIST and CIFAR-10 files written here in torchvision's layout.
 """
 
 from __future__ import annotations
 
 import math
-import struct
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_torchvision_files
 from PIL import Image
 from scipy.stats import multivariate_normal
 from sklearn.datasets import load_digits
@@ -431,22 +432,12 @@ def test_unknown_torchvision_dataset_is_config_error():
         TorchvisionDataModule(dataset="imagenet")
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    """Write ``array`` (uint8) in the IDX format MNIST ships in: magic 0x0008<ndim>, big-endian dims."""
-    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def test_torchvision_datamodule_on_fake_mnist_files(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
     images = np.random.default_rng(0).integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
     images[0] = 0
     images[1] = 255
     labels = np.arange(20, dtype=np.uint8) % 10
-    for split in ("train", "t10k"):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    write_torchvision_files(tmp_path, "mnist", images, labels)
 
     dm = TorchvisionDataModule(dataset="mnist", root=str(tmp_path), val_fraction=0.2, batch_size=4)
     dm.setup("fit")
@@ -462,6 +453,28 @@ def test_torchvision_datamodule_on_fake_mnist_files(tmp_path):
     assert resized.data_shape == (1, 32, 32) and y.dtype == torch.float32
     assert y.min() >= -1.0 and y.max() <= 1.0
     assert torch.allclose(y[0], torch.full((1, 32, 32), -1.0)) and torch.allclose(y[1], torch.ones(1, 32, 32))
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
+def test_torchvision_datamodule_on_fake_fashion_mnist_and_cifar_files(dataset, tmp_path, monkeypatch):
+    """The other two sets through torchvision's own readers: pixel values, channel order and labels."""
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: Path(path).is_file()
+    )
+    rng = np.random.default_rng(1)
+    shape = (15, 28, 28) if dataset == "fashion_mnist" else (15, 32, 32, 3)
+    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    labels = np.arange(15, dtype=np.uint8) % 10
+    write_torchvision_files(tmp_path, dataset, images, labels)
+    dm = TorchvisionDataModule(dataset=dataset, root=str(tmp_path), val_fraction=0.2, batch_size=4)
+    dm.setup("fit")
+    pixels = torch.as_tensor(images[dm.train_indices.numpy()]).float()
+    pixels = pixels.unsqueeze(1) if dataset == "fashion_mnist" else pixels.permute(0, 3, 1, 2)
+    assert dm.data_shape == tuple(pixels.shape[1:]) and dm.num_train_samples == 12
+    torch.testing.assert_close(dm.train_tensor(), pixels / 127.5 - 1.0, rtol=0, atol=1e-6)
+    assert torch.equal(dm.train_labels(), torch.as_tensor(labels[dm.train_indices.numpy()]).long())
 
 
 # ------------------------------------------------------------------------------------------------
