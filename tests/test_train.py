@@ -167,3 +167,39 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert ckpt["global_step"] == 1
     tensors = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
     assert tensors and all(bool(torch.isfinite(v).all()) for v in tensors)
+
+
+def test_learning_rate_warms_up_linearly_in_the_steps_taken_and_in_the_log(tmp_path):
+    """lr_k = lr * min(1, (k + 1) / W) for optimiser step k. Applied: with a constant gradient every
+    Adam step moves each weight by exactly lr_k (its bias-corrected m / sqrt(v) is the gradient's sign),
+    so the steps taken read the schedule off. Logged: train/lr in metrics.csv, step by step."""
+    import csv
+
+    from hydra.utils import instantiate
+
+    lr, warmup = 1e-3, 4
+    expected = [lr * min(1.0, (k + 1) / warmup) for k in range(7)]
+    overrides = [
+        "data=moons",
+        f"model.lr_warmup_steps={warmup}",
+        f"model.optimizer.lr={lr}",
+        "trainer.max_steps=7",
+    ]
+    cfg = compose_train([*overrides, "trainer.log_every_n_steps=1"], tmp_path / "run")
+    model = instantiate(cfg.model, net=torch.nn.Linear(3, 3))
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    weight = model.net.weight
+    for k, lr_k in enumerate(expected):
+        before = weight.detach().clone()
+        weight.grad = torch.full_like(weight, 0.5)
+        model.net.bias.grad = torch.full_like(model.net.bias, -2.0)
+        optimizer.step()
+        scheduler.step()
+        step = (weight.detach() - before).abs()
+        torch.testing.assert_close(step, torch.full_like(step, lr_k), rtol=1e-4, atol=0, msg=f"step {k}")
+    train(cfg)
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    logged = {int(r["step"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
+    assert sorted(logged) == list(range(7))
+    assert [logged[k] for k in range(7)] == pytest.approx(expected, rel=1e-6)
