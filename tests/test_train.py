@@ -203,3 +203,32 @@ def test_learning_rate_warms_up_linearly_in_the_steps_taken_and_in_the_log(tmp_p
     logged = {int(r["step"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
     assert sorted(logged) == list(range(7))
     assert [logged[k] for k in range(7)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradient_accumulation_draws_new_noise_for_every_micro_batch(tmp_path, monkeypatch):
+    """With accumulate_grad_batches=3 each optimiser step's three micro-batches are seeded by
+    (noise_seed, step, 0..2): distinct noise within a step, and the same seeds in a second run."""
+    import lightning_diff.models.diffusion_module as module
+    from lightning_diff.seeding import step_seed
+
+    def run(name: str) -> list[tuple[int, int, int]]:
+        seen = []
+
+        def recording(seed, step, micro_batch=0):
+            seen.append((step, micro_batch, step_seed(seed, step, micro_batch)))
+            return step_seed(seed, step, micro_batch)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "step_seed", recording)
+            train(
+                compose_train(
+                    ["data=moons", "trainer.max_steps=4", "+trainer.accumulate_grad_batches=3"],
+                    tmp_path / name,
+                )
+            )
+        return seen
+
+    first = run("a")
+    assert [(step, micro) for step, micro, _ in first] == [(s, m) for s in range(4) for m in range(3)]
+    assert len({seed for *_, seed in first}) == 12  # no two micro-batches share their noise
+    assert run("b") == first
