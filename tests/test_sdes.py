@@ -20,9 +20,8 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import LEARN_GMM, compose_train, gaussian_adversary_ratio
 from hydra.utils import instantiate
-from torch.distributions import MultivariateNormal
 
 from lightning_diff.cli.train import train
 from lightning_diff.diffusion import (
@@ -41,7 +40,6 @@ from lightning_diff.diffusion import (
     sample_pc,
 )
 from lightning_diff.errors import ConfigError
-from lightning_diff.metrics.distances import sliced_wasserstein
 from lightning_diff.models import ScoreSDE
 from lightning_diff.nets import MLP
 
@@ -358,23 +356,7 @@ def test_unknown_weighting_is_a_config_error():
 def test_short_training_run_learns_the_data(name, tmp_path):
     """300 steps on the 8-Gaussian mixture (radius 4): the loss falls and Euler-Maruyama samples are
     far closer to the data than the moment-matched Gaussian, which has learned none of the modes."""
-    overrides = [
-        "model=score_sde",
-        f"model/sde={name}",
-        "data=gmm",
-        "data.batch_size=512",
-        "net.mlp.hidden_dim=64",
-        "model.optimizer.lr=3e-3",
-        "model.lr_warmup_steps=20",
-        "model.ema_decay=0.99",
-        "trainer.max_steps=300",
-        "trainer.val_check_interval=300",
-        "callbacks.sample_grid.every_n_steps=0",
-        "callbacks.checkpoint.every_n_train_steps=300",
-        "callbacks.evaluation=null",
-        "logger=none",
-    ]
-    cfg = compose_train(overrides, tmp_path / "run")
+    cfg = compose_train(["model=score_sde", f"model/sde={name}", *LEARN_GMM], tmp_path / "run")
     _, objects = train(cfg)
     model, data = objects["model"], objects["datamodule"].train_tensor()[:2000]
     assert isinstance(model, ScoreSDE) and type(model.sde) is SDES[name]
@@ -389,15 +371,8 @@ def test_short_training_run_learns_the_data(name, tmp_path):
         2000, (2,), Sampler(sample_euler_maruyama, 100), torch.Generator().manual_seed(2)
     )
     assert nfe == 100
-
-    def distance(x):
-        return sliced_wasserstein(x, data, generator=torch.Generator().manual_seed(3)).item()
-
     # The adversary: the data's own Gaussian (its mean and covariance), which has learned no mode.
-    gaussian = MultivariateNormal(data.mean(0).double(), torch.cov(data.T.double()))
-    torch.manual_seed(4)
-    baseline = distance(gaussian.sample((2000,)).float())
-    assert distance(samples) < 0.6 * baseline
+    assert gaussian_adversary_ratio(samples, data) < 0.6
 
 
 # ---- configs --------------------------------------------------------------------------------
