@@ -180,11 +180,13 @@ BASES = {
     "default": (),
     "dropout": ("net.mlp.dropout=0.1",),
     "score_sde": ("model=score_sde",),
+    "kernel_wpo": ("model=kernel_wpo",),
 }
 CASES = [
     *[("default", stop) for stop in STOPS],
     ("dropout", "max_steps_mid_epoch"),
     ("score_sde", "sigterm_during_a_step"),
+    ("kernel_wpo", "periodic_mid_epoch"),
 ]
 
 
