@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from lightning_diff.errors import ConfigError
 from lightning_diff.seeding import sample_seed
 
 
@@ -144,10 +145,10 @@ class CounterNoise:
       ``(a, b)`` is ``(0, 1)`` or ``(2, 3)``; the result is cast to the requested dtype (float32 by
       default). A row with an odd number of elements drops the unused last normal.
 
-    ``seed`` must lie in ``[0, 2^32)`` (a ValueError otherwise); indices ``2^32`` apart share a stream,
-    and so do calls ``2^32`` apart. The 32x32-bit products are split into 16-bit halves in int64, so
-    the words are bit-identical on every device; the normals then agree to the rounding of the
-    device's float64 ``log``, ``cos`` and ``sin``.
+    ``seed`` must lie in ``[0, 2^32)`` (a ConfigError, a ValueError, otherwise); indices ``2^32``
+    apart share a stream, and so do calls ``2^32`` apart. The 32x32-bit products are split into
+    16-bit halves in int64, so the words are bit-identical on every device; the normals then agree
+    to the rounding of the device's float64 ``log``, ``cos`` and ``sin``.
 
     The call counter ``d`` is a Python int on the host, advanced by each :meth:`randn`: draws must stay
     outside any captured CUDA graph, whose replay would repeat the captured counter. The samplers'
@@ -162,7 +163,9 @@ class CounterNoise:
     def __init__(self, indices: Sequence[int], seed: int = 0, device: torch.device | str = "cpu"):
         seed = int(seed)
         if not 0 <= seed <= _MASK32:
-            raise ValueError(f"CounterNoise seed must be in [0, 2**32), got {seed}")
+            raise ConfigError(
+                f"CounterNoise seed must be in [0, 2**32), got {seed}: pick a smaller seed for noise=philox"
+            )
         self.indices = list(indices)
         self.seed = seed
         self.device = torch.device(device)
