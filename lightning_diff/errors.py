@@ -15,3 +15,7 @@ class DataError(LightningDiffError, ValueError):
 
 class CheckpointError(LightningDiffError):
     """A checkpoint is missing, corrupt, or not from lightning_diff."""
+
+
+class EndOfTrainingError(LightningDiffError):
+    """Training finished and its checkpoint is saved, but an end-of-training callback failed."""

@@ -160,6 +160,37 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert [ln for ln in corrupt.stderr.splitlines() if ln.startswith("error:")][0].count("corrupt") == 1
 
 
+@pytest.mark.ddp
+def test_a_spawned_process_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    """Under ``trainer=ddp_cpu`` (ddp_spawn) the error is raised in a spawned process and comes back as
+    the text of its traceback: a user error still prints as its one line."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from lightning_diff.cli import user_error
+    from lightning_diff.errors import CheckpointError
+
+    done = run_cli(
+        "lightning_diff.cli.train",
+        "data=moons",
+        "trainer=ddp_cpu",
+        "callbacks.evaluation.num_samples=1",
+        f"run_dir={tmp_path}/r",
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == [
+        "error: callbacks.evaluation.num_samples=1 is too few on 2 process(es): give 2 or more "
+        "(two for the Frechet distance, one per process)"
+    ]
+    text = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+    rebuilt = user_error(ProcessRaisedException(text + "lightning_diff.errors.CheckpointError: a: b", 1, 1))
+    assert type(rebuilt) is CheckpointError and str(rebuilt) == "a: b"
+    nan = user_error(ProcessRaisedException(text + "FloatingPointError: train/loss is nan", 1, 1))
+    assert type(nan) is FloatingPointError and str(nan) == "train/loss is nan"
+    for bug in ("ValueError: a bug", "lightning_diff.errors.NotAnError: x", "other.ConfigError: x"):
+        assert user_error(ProcessRaisedException(text + bug, 1, 1)) is None, bug
+
+
 def test_cli_unknown_config_key_names_the_key_and_the_fix(tmp_path):
     result = run_cli("lightning_diff.cli.train", "no_such_key=1", f"run_dir={tmp_path}/r")
     assert result.returncode != 0

@@ -262,6 +262,41 @@ def test_two_process_run_stopped_and_extended_ends_like_a_straight_two_process_r
 
 @pytest.mark.slow
 @pytest.mark.ddp
+def test_ld_train_under_strategy_ddp_stopped_and_resumed_ends_like_a_straight_spawned_run(
+    tmp_path, straight_runs
+):
+    """``trainer=ddp``, the cluster config, starts its other ranks with Lightning's subprocess
+    launcher: rank 1 is the ``ld-train`` command run again by Lightning (with Hydra overrides of its
+    own), not a fork of rank 0. Both halves of a stopped-and-resumed run go through the command line
+    that way, on two gloo processes, and end identical to a straight ``ddp_spawn`` run."""
+    import subprocess
+    import sys
+
+    from conftest import TINY, TINY_NET
+
+    run_dir = tmp_path / "run"
+    base = [*TINY_NET, *TINY, *DEFAULTS, *TWO_PROCESSES, "trainer.strategy=ddp", f"run_dir={run_dir}"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    for extra in (["trainer.max_steps=5"], [f"trainer.max_steps={STRAIGHT_STEPS}", "resume=auto"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "lightning_diff.cli.train", *base, *extra],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "MEMBER: 2/2" in done.stderr, "two processes, the second started by the launcher"
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STRAIGHT_STEPS
+    _assert_same_run(straight_runs((*DEFAULTS, *TWO_PROCESSES)), run_dir)
+    # The relaunched rank wrote its log beside rank 0's and no Hydra output directory of its own.
+    assert (run_dir / "train_ddp_process_1.log").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache", "run"]
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
 @pytest.mark.parametrize("counts", [(2, 1), (1, 2)], ids=["2_to_1", "1_to_2"])
 def test_requeue_on_another_process_count_ends_where_a_run_on_the_new_count_would(
     tmp_path, straight_runs, counts

@@ -89,13 +89,29 @@ def inception_values(weights, cache, rank: int, world_size: int) -> dict[str, fl
     return metric.compute()
 
 
-def inception_worker(rank: int, init_file: str, weights, cache, out_dir: str) -> None:
+def inception_worker(rank: int, init_file: str, weights, cache, out_dir: str, fail: bool = False) -> None:
+    """Each rank's values, and how often it scored against the reference (rank 0 alone should). With
+    ``fail``, rank 0's scoring raises: every rank should raise its error, none wait forever."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    scored = []
+    original = InceptionMetrics._score
+
+    def counted(self):
+        scored.append(rank)
+        if fail:
+            raise ConfigError("the reference is broken: fix it")
+        return original(self)
+
+    InceptionMetrics._score = counted
     try:
-        torch.save(inception_values(weights, cache, rank, 2), f"{out_dir}/rank{rank}.pt")
+        values = inception_values(weights, cache, rank, 2)
+    except ConfigError as error:
+        values = {"error": str(error)}
     finally:
+        InceptionMetrics._score = original
         dist.destroy_process_group()
+    torch.save({"values": values, "scored": len(scored)}, f"{out_dir}/rank{rank}.pt")
 
 
 def test_inception_metrics_fed_by_two_processes_equal_one(tmp_path):
@@ -106,17 +122,42 @@ def test_inception_metrics_fed_by_two_processes_equal_one(tmp_path):
     mp.spawn(
         inception_worker, args=(str(tmp_path / "init"), weights, tmp_path / "cache2", str(tmp_path)), nprocs=2
     )
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        # Features of the same image in another batch differ in the last bits: KID's spread of
-        # 5 subsets (1.8e-4) moves by 2e-7.
-        assert result == pytest.approx(single, rel=1e-5, abs=1e-6), rank
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    # Rank 0 scores (the reference is featurised once) and every rank returns its numbers.
+    assert [r["scored"] for r in results] == [1, 0]
+    assert results[0]["values"] == results[1]["values"]
+    # Features of the same image in another batch differ in the last bits: KID's spread of
+    # 5 subsets (1.8e-4) moves by 2e-7.
+    assert results[0]["values"] == pytest.approx(single, rel=1e-5, abs=1e-6)
+
+
+def test_an_error_while_rank_0_scores_is_raised_on_every_rank(tmp_path):
+    weights = save_random_inception(tmp_path / "inception.pth")
+    args = (str(tmp_path / "init"), weights, tmp_path / "cache", str(tmp_path), True)
+    mp.spawn(inception_worker, args=args, nprocs=2)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert [r["values"] for r in results] == [{"error": "the reference is broken: fix it"}] * 2
+    assert [r["scored"] for r in results] == [1, 0]
 
 
 def test_fewer_samples_than_processes_is_a_config_error(ckpt, tmp_path):
-    with pytest.raises(ConfigError, match="fewer than devices=2"):
+    with pytest.raises(ConfigError, match="num_samples=1 is too few for devices=2: give num_samples=2"):
         evaluate(
             compose_named(
                 "eval", [f"ckpt={ckpt}", "devices=2", "num_samples=1", f"out={tmp_path / 'm.json'}"]
             )
         )
+
+
+@pytest.mark.parametrize(("rows", "devices"), [(1, 1), (2, 3)])
+def test_a_samples_file_with_too_few_samples_is_a_config_error(tmp_path, rows, devices):
+    import numpy as np
+
+    path = tmp_path / "few.npy"
+    np.save(path, np.zeros((rows, 1, 8, 8), np.float32))
+    common = [f"samples={path}", "data=digits", "data.num_train=40", "device=cpu", f"devices={devices}"]
+    least = max(2, devices)
+    with pytest.raises(
+        ConfigError, match=f"holds {rows} sample.s.: evaluating on {devices} process.es. needs {least}"
+    ):
+        evaluate(compose_named("eval", [*common, f"out={tmp_path / 'm.json'}"]))

@@ -169,6 +169,88 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
     assert tensors and all(bool(torch.isfinite(v).all()) for v in tensors)
 
 
+@pytest.mark.parametrize(
+    ("callback", "error"),
+    [
+        ("lightning_diff.callbacks.evaluation.SampleEvaluation", "user"),
+        ("lightning_diff.callbacks.sample_grid.SampleGrid", "user"),
+        ("lightning_diff.callbacks.evaluation.SampleEvaluation", "bug"),
+    ],
+    ids=["evaluation-user_error", "sample_grid-user_error", "evaluation-bug"],
+)
+def test_a_failed_end_of_training_pass_keeps_the_final_checkpoint(tmp_path, monkeypatch, callback, error):
+    """The end-of-training evaluation runs before Lightning's checkpoint callbacks end training. When it
+    fails, last.ckpt still gets the final step's weights, and the error names that checkpoint (a user
+    error as one line, anything else with its own traceback)."""
+    import importlib
+    import logging
+
+    from lightning_diff.errors import ConfigError, EndOfTrainingError
+
+    module, _, name = callback.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    failure = ConfigError("the option is wrong: fix the option") if error == "user" else RuntimeError("a bug")
+
+    def run(self, trainer, pl_module):
+        if trainer.global_step == 5:  # the end of training: the periodic runs at step 3 pass
+            raise failure
+        return original(self, trainer, pl_module)
+
+    original = cls.run
+    monkeypatch.setattr(cls, "run", run)
+    run_dir = tmp_path / "run"
+    overrides = ["data=moons", "trainer.max_steps=5", "callbacks.sample_grid.every_n_steps=3"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if error == "user":
+        with pytest.raises(EndOfTrainingError) as info:
+            train(compose_train(overrides, run_dir))
+        message = str(info.value)
+        assert "\n" not in message and message == (
+            f"training reached step 5 and saved {last}, but {name} failed: the option is wrong: fix the "
+            f"option; fix it and evaluate with ld-eval ckpt={last}"
+        )
+        assert info.value.__cause__ is failure
+    else:
+        logger = logging.getLogger("lightning_diff.callbacks.periodic")
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger.addHandler(handler)
+        try:
+            with pytest.raises(RuntimeError, match="a bug"):
+                train(compose_train(overrides, run_dir))
+        finally:
+            logger.removeHandler(handler)
+        assert [r.getMessage() for r in records] == [
+            f"training reached step 5 and saved {last}, but {name} failed at the end of training "
+            "with the error below"
+        ]
+    # The step-3 periodic checkpoint and the final one, which holds step 5.
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt", "step0000003.ckpt"]
+    assert read_checkpoint(last)["global_step"] == 5
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_too_few_evaluation_samples_stop_before_training(tmp_path, devices):
+    from lightning_diff.cli import user_error
+    from lightning_diff.errors import ConfigError
+
+    least = max(2, devices)
+    overrides = ["data=moons", f"callbacks.evaluation.num_samples={least - 1}"]
+    if devices == 2:
+        overrides += ["trainer=ddp_cpu", "trainer.strategy=ddp_spawn"]
+    with pytest.raises(Exception) as info:
+        train(compose_train(overrides, tmp_path / "run"))
+    # ddp_spawn hands a spawned process's error back as its traceback's text; the CLI rebuilds it.
+    error = user_error(info.value)
+    assert type(error) is ConfigError and (error is info.value) == (devices == 1)
+    assert str(error) == (
+        f"callbacks.evaluation.num_samples={least - 1} is too few on {devices} process(es): give {least} "
+        "or more (two for the Frechet distance, one per process)"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists(), "refused before any step"
+
+
 def test_learning_rate_warms_up_linearly_in_the_steps_taken_and_in_the_log(tmp_path):
     """lr_k = lr * min(1, (k + 1) / W) for optimiser step k. Applied: with a constant gradient every
     Adam step moves each weight by exactly lr_k (its bias-corrected m / sqrt(v) is the gradient's sign),

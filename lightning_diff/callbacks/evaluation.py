@@ -12,10 +12,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_diff.callbacks.periodic import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
+from lightning_diff.errors import ConfigError
 from lightning_diff.generation import gather_shards, generate, shard_indices
 from lightning_diff.metrics.pipeline import (
     build_inception,
     build_suite,
+    least_samples,
     memorization_rows,
     save_memorization_figures,
     wandb_table,
@@ -68,6 +70,16 @@ class SampleEvaluation(PeriodicCallback):
         self.table_rows = table_rows
         self._suite = None
         self._inception = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        least = least_samples(trainer.world_size)
+        if self.num_samples < least:  # before training, not after it
+            raise ConfigError(
+                f"callbacks.evaluation.num_samples={self.num_samples} is too few on {trainer.world_size} "
+                f"process(es): give {least} or more (two for the Frechet distance, one per process)"
+            )
+        if self._inception is None:  # a missing weights file or download fails now, not after training
+            self._inception = build_inception(trainer.datamodule, self.inception, self.cache_dir)
 
     def suite(self, trainer, device: torch.device):
         if self._suite is None:

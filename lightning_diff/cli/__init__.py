@@ -17,10 +17,15 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
+from torch.multiprocessing import ProcessRaisedException
 
 from lightning_diff.errors import LightningDiffError
 
 log = logging.getLogger("lightning_diff")
+
+
+# What a user's error arrives as: itself, wrapped by Hydra's instantiate, or from a spawned process.
+USER_ERROR_CARRIERS = (LightningDiffError, FloatingPointError, InstantiationException, ProcessRaisedException)
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,7 +38,12 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (LightningDiffError, FloatingPointError, InstantiationException) as err:
+        except (
+            LightningDiffError,
+            FloatingPointError,
+            InstantiationException,
+            ProcessRaisedException,
+        ) as err:
             cause = user_error(err)
             if cause is None:
                 raise
@@ -129,11 +139,30 @@ def entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def user_error(err: BaseException) -> BaseException | None:
-    """The user's error behind ``err``: Hydra wraps exceptions raised while instantiating objects."""
+    """The user's error behind ``err``: Hydra wraps exceptions raised while instantiating objects, and
+    a process started by ``ddp_spawn`` hands its error back as the text of its traceback."""
     while err is not None:
         if isinstance(err, (LightningDiffError, FloatingPointError)):
             return err
+        if isinstance(err, ProcessRaisedException):
+            return _spawned_user_error(str(err))
         err = err.__cause__
+    return None
+
+
+def _spawned_user_error(traceback_text: str) -> BaseException | None:
+    """The user's error that ends a spawned process's traceback (its last line is ``module.Class:
+    message``), rebuilt; None for any other error."""
+    from lightning_diff import errors
+
+    last = traceback_text.rstrip().rsplit("\n", 1)[-1]
+    name, _, message = last.partition(": ")
+    if name == "FloatingPointError":
+        return FloatingPointError(message)
+    module, _, cls = name.rpartition(".")
+    found = getattr(errors, cls, None) if module == errors.__name__ else None
+    if isinstance(found, type) and issubclass(found, LightningDiffError):
+        return found(message)
     return None
 
 

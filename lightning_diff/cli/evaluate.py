@@ -27,6 +27,7 @@ from lightning_diff.generation import gather_shards, generate, shard_indices
 from lightning_diff.metrics.likelihood import heldout_data, likelihood_metrics, log_likelihoods
 from lightning_diff.metrics.pipeline import (
     evaluate_samples,
+    least_samples,
     memorization_rows,
     save_memorization_figures,
     wandb_table,
@@ -37,10 +38,15 @@ from lightning_diff.summary import run_summary
 log = logging.getLogger("lightning_diff.cli.evaluate")
 
 
-def load_samples(path: str | Path, data_shape: tuple[int, ...]) -> torch.Tensor:
+def samples_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"samples file {path} does not exist: write one with ld-sample out={path}")
+    return path
+
+
+def load_samples(path: str | Path, data_shape: tuple[int, ...]) -> torch.Tensor:
+    path = samples_file(path)
     array = np.load(path, allow_pickle=False)
     if tuple(array.shape[1:]) != tuple(data_shape):
         raise DataError(
@@ -113,10 +119,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     devices = cfg.get("devices", 1)
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"devices={devices} is not a process count: give devices=1 or more (one per GPU)")
-    if cfg.ckpt and cfg.num_samples < devices:
+    if cfg.ckpt and cfg.num_samples < least_samples(devices):
         raise ConfigError(
-            f"num_samples={cfg.num_samples} is fewer than devices={devices}: every process needs samples"
+            f"num_samples={cfg.num_samples} is too few for devices={devices}: give num_samples="
+            f"{least_samples(devices)} or more (two for the Frechet distance, one per process)"
         )
+    if cfg.get("samples"):  # checked here, before any process starts
+        rows = len(np.load(samples_file(cfg.samples), mmap_mode="r", allow_pickle=False))
+        if rows < least_samples(devices):
+            raise ConfigError(
+                f"{cfg.samples} holds {rows} sample(s): evaluating on {devices} process(es) needs "
+                f"{least_samples(devices)} or more (two for the Frechet distance, one per process)"
+            )
     # Resolve once, here: the checkpoint (a wandb Artifact is downloaded once) and every interpolation.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     local = fetch_checkpoint(cfg.ckpt) if cfg.ckpt else None

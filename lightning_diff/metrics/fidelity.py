@@ -87,8 +87,9 @@ class InceptionMetrics(Metric):
     indices rebuild the single-process order and every value, KID's random subsets included) and
     scores them with torch-fidelity's own functions. The reference's features and FID statistics
     come from torch-fidelity's cache under ``cache_dir``, keyed by ``reference_name`` and the
-    weights file (computed on the first evaluation; under DDP every rank reads or computes them,
-    and writes are atomic). ``compute`` is a collective: call it on every rank.
+    weights file (computed on the first evaluation). Under DDP, rank 0 alone scores the gathered
+    features against the reference (so the reference is featurised once, not once per rank) and
+    sends the numbers to the other ranks. ``compute`` is a collective: call it on every rank.
     """
 
     full_state_update = False
@@ -169,6 +170,32 @@ class InceptionMetrics(Metric):
         }
 
     def compute(self) -> dict[str, float]:
+        if not self._distributed():
+            return self._score()
+        # Rank 0 scores; the others wait for its numbers (or its error, raised on every rank).
+        group = self.process_group
+        message: list = [None]
+        if torch.distributed.get_rank(group) == 0:
+            try:
+                message[0] = ("ok", self._score())
+            except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+                message[0] = ("error", error)
+        device = self.device if torch.distributed.get_backend(group) == "nccl" else None
+        src = 0 if group is None else torch.distributed.get_global_rank(group, 0)
+        torch.distributed.broadcast_object_list(message, src=src, group=group, device=device)
+        status, value = message[0]
+        if status == "error":
+            raise value
+        return value
+
+    def _distributed(self) -> bool:
+        return (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(self.process_group) > 1
+        )
+
+    def _score(self) -> dict[str, float]:
         from torch_fidelity.metric_fid import (
             fid_featuresdict_to_statistics,
             fid_input_id_to_statistics_cached,

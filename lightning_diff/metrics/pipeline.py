@@ -14,6 +14,12 @@ from torch import Tensor
 from lightning_diff.metrics.suite import EvaluationSuite, resolve_feature_space
 
 
+def least_samples(processes: int = 1) -> int:
+    """The fewest generated samples an evaluation takes: two for the Frechet distance's covariance,
+    and at least one for each of ``processes``."""
+    return max(2, int(processes))
+
+
 def reference_key(datamodule, feature_space: str) -> str:
     """Cache key of a DataModule's training statistics: data set, subset size, seed and features."""
     n = len(datamodule.train_tensor())
