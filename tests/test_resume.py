@@ -246,6 +246,42 @@ def test_slurm_requeue_checkpoint_resumes_exactly(tmp_path, monkeypatch, straigh
     _assert_same_run(straight_runs(tuple(DEFAULTS)), run_dir)
 
 
+class ScriptedValidation(L.Callback):
+    """A validation metric the test controls: lowest at step 3, lower still at step 9, high otherwise
+    (set at validation epoch end, before BestWeights reads it at validation end)."""
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        value = {3: 1.0, 9: 0.5}.get(trainer.global_step, 10.0)
+        trainer.callback_metrics["val/scripted"] = torch.tensor(value)
+
+
+def test_a_run_that_ended_on_its_best_weights_extends_like_a_straight_run(tmp_path, straight_runs):
+    """``callbacks=with_best_weights`` ends a run on its best validation's weights, and its last.ckpt
+    holds them. Extending that run (resume=auto) continues from the weights training had reached,
+    not from the best ones: it ends identical to a straight run, whose best (step 9) comes after
+    the first run's end (step 5, best at step 3)."""
+    overrides = [
+        *DEFAULTS,
+        "callbacks=with_best_weights",
+        "callbacks.best_weights.monitor=val/scripted",
+        "trainer.val_check_interval=1",
+    ]
+
+    def run(extra, run_dir):
+        return train(_with_callback(compose_train(overrides + extra, run_dir), "s", ScriptedValidation))
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([f"trainer.max_steps={STRAIGHT_STEPS}"], straight)
+    _, first = run(["trainer.max_steps=5"], resumed)
+    ended = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    best = next(c for c in first["trainer"].callbacks if type(c).__name__ == "BestWeights")
+    assert ended["global_step"] == 5 and best.best_step == 3
+    for key, value in best.weights.items():  # what ld-sample reads: the best weights
+        assert torch.equal(ended["state_dict"][key], value), key
+    run([f"trainer.max_steps={STRAIGHT_STEPS}", "resume=auto"], resumed)
+    _assert_same_run(straight, resumed)
+
+
 TWO_PROCESSES = ("trainer=ddp_cpu",)  # two gloo processes (ddp_spawn)
 
 

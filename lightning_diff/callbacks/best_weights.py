@@ -32,7 +32,10 @@ class BestWeights(L.Callback):
     The start counts when the trainer's sanity check covers the whole validation set
     (``trainer.num_sanity_val_steps=-1``): a fit that never improves on its start ends there. The
     best value and its step are logged as ``<monitor>_best`` and ``<monitor>_best_step``, and kept in
-    checkpoints with the weights, so a resumed run restores the same ones.
+    checkpoints with the weights, so a resumed run restores the same ones. The end-of-fit checkpoint
+    holds the best weights as the model's (what ``ld-sample`` and ``ld-eval`` read) and the weights
+    training reached in this callback's state: a run extended with ``resume`` continues from those,
+    and ends as a run straight to the new step count would.
     """
 
     def __init__(self, monitor: str = "val/loss", mode: str = "min"):
@@ -42,6 +45,7 @@ class BestWeights(L.Callback):
         self.best: float | None = None
         self.best_step: int | None = None
         self.weights: dict[str, Any] | None = None
+        self.final_weights: dict[str, Any] | None = None  # set when the best replaced them at the end
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -65,6 +69,9 @@ class BestWeights(L.Callback):
             )
         if self.best_step == trainer.global_step:
             return
+        # The weights training reached go into the end-of-fit checkpoint too, so that extending the
+        # run (resume) continues from them rather than from the best ones.
+        self.final_weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         pl_module.load_state_dict(self.weights)
         log.info(
             "restored the weights of step %d (%s %.4g, the best validation) at the end of training",
@@ -77,8 +84,21 @@ class BestWeights(L.Callback):
                 callback.weights_changed()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "weights": self.weights}
+        state = {"best": self.best, "best_step": self.best_step, "weights": self.weights}
+        if self.final_weights is not None:
+            state["final_weights"] = self.final_weights
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_step = state_dict["best"], state_dict["best_step"]
         self.weights = state_dict["weights"]
+        self.final_weights = None
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Resuming from a checkpoint whose weights are the restored best ones: training continues
+        # from the weights it had reached (Lightning restores the optimiser state after this).
+        final = (checkpoint.get("callbacks") or {}).get(self.state_key, {}).get("final_weights")
+        if final is not None:
+            pl_module.load_state_dict(final)

@@ -57,7 +57,7 @@ class LossMonitor:
         step, loss = pending[first]
         raise FloatingPointError(
             f"train/loss is {loss.item()} at step {step}: lower model.optimizer.lr or set "
-            "trainer.gradient_clip_val; the last good checkpoint is kept in the run directory"
+            "trainer.gradient_clip_val; checkpoints written before that step are kept"
         )
 
     @staticmethod
