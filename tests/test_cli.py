@@ -32,7 +32,42 @@ def ckpt(tmp_path_factory):
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def test_sample_writes_images_in_data_space(ckpt, tmp_path):
+@pytest.fixture(scope="module")
+def gaussian_run(tmp_path_factory):
+    """``model=gaussian`` fitted to the digits (nothing to train: one step): its last checkpoint and the
+    training tensor it was fitted on."""
+    run_dir = tmp_path_factory.mktemp("gaussian") / "run"
+    _, objects = train(compose_train(["data=digits", "model=gaussian", "trainer.max_steps=1"], run_dir))
+    return run_dir / "checkpoints" / "last.ckpt", objects["datamodule"].train_tensor()
+
+
+def data_space_errors(samples: np.ndarray, data: torch.Tensor) -> tuple[float, float]:
+    """How far ``samples`` are from ``data``'s moments, in standard errors of ``len(samples)`` draws of
+    N(mean, cov) of ``data``: the largest per-pixel |mean difference| over the pixel's standard error,
+    and the overall (all-pixel) standard deviation's difference over its standard error.
+
+    The overall variance is the average over draws of ``v = |x - m 1|^2 / d`` (``m`` the data's grand
+    mean); for Gaussian x, ``Var(v) = (2 tr(C^2) + 4 (mu - m 1)^T C (mu - m 1)) / d^2``, and the std's
+    standard error is the variance's over twice the std (delta method)."""
+    n = len(samples)
+    flat = torch.from_numpy(samples).reshape(n, -1).double()
+    real = data.reshape(len(data), -1).double()
+    mu, d = real.mean(0), real.shape[1]
+    centred = real - mu
+    cov = centred.T @ centred / len(real)  # maximum likelihood: what the model was fitted to
+    # Pixels that never change (the digits' corners) have no spread: 1e-6 covers float32 rounding.
+    mean_se = (cov.diagonal() / n).sqrt().clamp(min=1e-6)
+    mean_err = ((flat.mean(0) - mu).abs() / mean_se).max().item()
+    grand = real.mean()
+    std = (real - grand).pow(2).mean().sqrt()
+    offset = mu - grand
+    var_v = (2 * torch.trace(cov @ cov) + 4 * offset @ cov @ offset) / d**2
+    std_se = (var_v / n).sqrt() / (2 * std)
+    std_err = ((flat.std(correction=0) - std) / std_se).item()
+    return mean_err, std_err
+
+
+def test_sample_writes_images_in_data_space(ckpt, gaussian_run, tmp_path):
     out = tmp_path / "s.npy"
     array = sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=10", f"out={out}", "batch_size=4"]))
     saved = np.load(out)
@@ -41,6 +76,30 @@ def test_sample_writes_images_in_data_space(ckpt, tmp_path):
     # Sample i depends only on (seed, i): a different batch size gives the same file.
     again = sample(compose_named("sample", [f"ckpt={ckpt}", "num_samples=10", f"out={out}", "batch_size=10"]))
     np.testing.assert_allclose(again, saved, rtol=1e-5, atol=1e-5)
+
+    # Scale and space: the digits' Gaussian, sampled through ld-sample, gives back the moments of the
+    # training images it was fitted on ([-1, 1], not [0, 1] nor a normalised space). Teleporting to
+    # sigma_skip=0 follows the Gaussian flow in closed form down to the grid's last level (sigma = 0.01),
+    # whose one denoising step shrinks each variance by lambda / (lambda + 1e-4): the overall std by
+    # < 1e-4, against a standard error of 0.005 with 400 draws. (sampler=heun with the run's 5 steps is
+    # 30% too wide here; exactness is what makes a tight tolerance possible.)
+    gauss_ckpt, data = gaussian_run
+    n = 400
+    overrides = [f"ckpt={gauss_ckpt}", f"num_samples={n}", f"out={tmp_path / 'g.npy'}"]
+    sample(compose_named("sample", [*overrides, "sampler=teleport_ddim", "sampler.sigma_skip=0"]))
+    drawn = np.load(tmp_path / "g.npy")
+    assert drawn.shape == (n, *data.shape[1:]) and drawn.dtype == np.float32
+    # 64 pixel means: 4.5 standard errors keeps the chance that one of them exceeds it by chance
+    # below 64 x 7e-6 = 5e-4; one overall std: 4 standard errors.
+    mean_err, std_err = data_space_errors(drawn, data)
+    assert mean_err < 4.5 and abs(std_err) < 4, (mean_err, std_err)
+    # The same draws in another space fail both checks: doubled, or shifted into [0, 1]; and a 10%
+    # wider spread about the right mean fails the std check.
+    for wrong in (2 * drawn, (drawn + 1) / 2):
+        wrong_mean, wrong_std = data_space_errors(wrong, data)
+        assert wrong_mean > 4.5 and abs(wrong_std) > 4, (wrong_mean, wrong_std)
+    mean = data.mean(0).numpy()
+    assert abs(data_space_errors(mean + 1.1 * (drawn - mean), data)[1]) > 4
 
 
 def test_sample_with_another_sampler_and_step_count(ckpt, tmp_path):
@@ -252,12 +311,10 @@ def test_eval_logs_to_an_offline_wandb_run(ckpt, tmp_path):
     assert logged["eval/samples"]["_type"] == "table-file" and logged["eval/samples"]["nrows"] == 8
 
 
-def test_sample_exact_draws_a_closed_form_model_and_refuses_a_network(ckpt, tmp_path):
+def test_sample_exact_draws_a_closed_form_model_and_refuses_a_network(ckpt, gaussian_run, tmp_path):
     # model=gaussian on the digits: sampler=exact draws N(mean, cov) of the training set itself.
-    run_dir = tmp_path / "gauss"
-    train(compose_train(["data=digits", "model=gaussian", "trainer.max_steps=1"], run_dir))
     out = tmp_path / "e.npy"
-    overrides = [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "num_samples=4000", f"out={out}"]
+    overrides = [f"ckpt={gaussian_run[0]}", "num_samples=4000", f"out={out}"]
     array = sample(compose_named("sample", [*overrides, "sampler=exact", "num_steps=7"]))
     datamodule = instantiate(compose_train(["data=digits"], tmp_path / "d").data)
     datamodule.setup("fit")

@@ -12,9 +12,12 @@ import functools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_named, compose_train
+from hydra.utils import instantiate
+from scipy.stats import multivariate_normal
 
 from lightning_diff.cli.evaluate import evaluate
 from lightning_diff.cli.train import train
@@ -22,6 +25,7 @@ from lightning_diff.diffusion import DiscreteSchedule, GaussianDenoiser, Sampler
 from lightning_diff.diffusion.log_likelihood import bits_per_dim, dequantize, ode_log_likelihood, sigma_range
 from lightning_diff.diffusion.ode import sample_heun, sample_ode_adaptive, solve_dopri5
 from lightning_diff.errors import ConfigError
+from lightning_diff.metrics.likelihood import heldout_data
 
 MEAN = torch.tensor([1.0, -0.5], dtype=torch.float64)
 COV = torch.tensor([[1.0, 0.6], [0.6, 0.8]], dtype=torch.float64)
@@ -310,10 +314,43 @@ def test_dequantize_fills_each_level_bin():
 
 # ---- (f) ld-eval and the training callback ------------------------------------------------------------
 
+# nats/dim allowed for the rk45 solve at rtol = atol = 1e-5 plus the ODE likelihood's sigma_min and prior
+# offsets from the exact Gaussian density (see test_eval_reports_heldout_nll_of_a_checkpoint).
+SOLVER = 1e-3
 FAST = ["likelihood.num_samples=12", "likelihood.rtol=1e-3", "likelihood.atol=1e-3", "num_samples=20"]
 
 
+def hutchinson_sem_per_dim(cov: np.ndarray, sigma_min: float, sigma_max: float, n: int, num_probes: int = 1):
+    """Standard error, in nats/dim, of the mean over ``n`` rows of the Rademacher trace estimate's error
+    for the Gaussian model N(mu, cov): per row ``sqrt(2 sum_{i != j} M_ij^2 / num_probes)`` with
+    ``M = U diag(T - 1/2 log((lambda + sigma_max^2) / (lambda + sigma_min^2))) U^T``, ``T = log(sigma_max /
+    sigma_min)`` (see test_hutchinson_likelihood_is_unbiased_with_the_predicted_spread)."""
+    lam, vecs = np.linalg.eigh(cov)
+    span = math.log(sigma_max / sigma_min)
+    m = span - 0.5 * np.log((lam + sigma_max**2) / (lam + sigma_min**2))
+    M = vecs @ np.diag(m) @ vecs.T
+    var = 2 * ((M**2).sum() - (np.diag(M) ** 2).sum()) / num_probes
+    return math.sqrt(var / n) / len(cov)
+
+
 def test_eval_reports_heldout_nll_of_a_checkpoint(tmp_path):
+    """ld-eval's held-out NLL: independent of the batch size, refused without a checkpoint, and for
+    ``model=gaussian`` equal to the exact ``-log N(x; mu, Sigma) / dim`` of the same held-out rows.
+
+    The exact answer uses the mean and covariance the trained model holds, through scipy, on the rows
+    ``heldout_data`` draws for ld-eval (256 of the 400 held out, from the same data config), so the
+    rows' own spread cancels. What is left:
+    - the Hutchinson estimate's noise: one Rademacher probe per row, whose spread is known in closed
+      form for a Gaussian model (hutchinson_sem_per_dim: 0.0181 nats/dim here; 0.0177 measured over
+      the rows); 4 standard errors;
+    - SOLVER: the rk45 solve at rtol = atol = 1e-5 and the ODE likelihood's own departures from
+      log N(x; mu, Sigma): the data stand at sigma_min (the density of N(mu, Sigma + sigma_min^2 I),
+      +2e-5 nats/dim here) and the prior N(0, (1 + sigma_max^2) I) is not exactly the model's
+      marginal at sigma_max (-4.0e-4 nats/dim here). The exact-trace run checks this part alone, and
+      so pins the rows too: the first 256 held-out rows instead are 0.040 nats/dim off.
+    Measured: exact 0.99597 nats/dim; reported 1.02666 (Hutchinson, 1.7 standard errors off, tolerance
+    0.0735) and 0.99562 (exact trace, 3.5e-4 off); under a mean shifted by 0.5 the exact NLL is 1.585.
+    """
     run_dir = tmp_path / "run"
     train(compose_train(["data=moons", "trainer.max_steps=3"], run_dir))
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -328,17 +365,76 @@ def test_eval_reports_heldout_nll_of_a_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="ckpt"):
         evaluate(compose_named("eval", [f"samples={out}", "data=moons", "likelihood.enabled=true"]))
 
+    # The Gaussian model fitted to 3-D Gaussian data: 256 of the 400 held-out rows (default options).
+    gauss_dir = tmp_path / "gauss"
+    cfg = compose_train(
+        ["model=gaussian", "data=gaussian", "data.distribution.dim=3", "data.num_samples=4000"], gauss_dir
+    )
+    _, objects = train(cfg)
+    model = objects["model"]
+    mean, cov = model.fit_mean.cpu().numpy(), model.fit_cov.cpu().numpy()
+    num_rows, dim = 256, len(mean)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    rows = heldout_data(datamodule, num_rows).double().numpy()  # ld-eval's rows: the same data config
+    assert rows.shape == (num_rows, dim) and len(datamodule.val_tensor()) == 400
+    exact = float(-multivariate_normal(mean, cov).logpdf(rows).mean() / dim)
+    wrong = float(-multivariate_normal(mean + 0.5, cov).logpdf(rows).mean() / dim)
+
+    sigma_min, sigma_max = sigma_range(model.schedule)
+    tolerance = 4 * hutchinson_sem_per_dim(cov, sigma_min, sigma_max, num_rows) + SOLVER
+    gauss = [
+        f"ckpt={gauss_dir / 'checkpoints' / 'last.ckpt'}",
+        f"out={tmp_path / 'g.json'}",
+        "likelihood.enabled=true",
+        f"likelihood.num_samples={num_rows}",
+        "num_samples=20",
+    ]
+    reported = evaluate(compose_named("eval", gauss))["nll_nats_per_dim"]
+    assert abs(reported - exact) < tolerance, (reported, exact, tolerance)
+    assert abs(reported - wrong) > tolerance, (reported, wrong, tolerance)  # the check has teeth
+    exact_trace = evaluate(compose_named("eval", [*gauss, "likelihood.exact_trace=true"]))["nll_nats_per_dim"]
+    assert abs(exact_trace - exact) < SOLVER, (exact_trace, exact)
+    assert abs(exact_trace - wrong) > SOLVER
+
 
 def test_likelihood_callback_logs_bits_per_dim(tmp_path):
+    """The callback's ``eval/bits_per_dim`` at the end of training is what ld-eval reports for that run's
+    last.ckpt with the same rows, seed and options (the callback's ``seed`` is ld-eval's ``sample_seed``;
+    both use the EMA weights): the same computation on the same weights, so equal up to float
+    rounding (measured identical in metrics.json; the dict ``train`` returns passes through float32,
+    2.4e-7 off). The seed and the probes are not the defaults, so each must be passed on; Gaussian
+    probes, because the barely trained net's Jacobian is near diagonal and Rademacher probes read a
+    diagonal exactly whatever the seed. ld-eval at its default seed is 0.33 bits/dim off (measured).
+    """
+    likelihood = {
+        "seed": 7,
+        "num_samples": 8,
+        "probe": "gaussian",
+        "num_probes": 2,
+        "rtol": 1e-3,
+        "atol": 1e-3,
+    }
     overrides = [
         "data=digits",
         "trainer.max_steps=2",
         "callbacks=with_likelihood",
-        "callbacks.likelihood.num_samples=8",
-        "callbacks.likelihood.rtol=1e-3",
-        "callbacks.likelihood.atol=1e-3",
+        *[f"callbacks.likelihood.{k}={v}" for k, v in likelihood.items()],
     ]
-    metrics, _ = train(compose_train(overrides, tmp_path / "run"))
-    assert math.isfinite(metrics["eval/bits_per_dim"]) and metrics["eval/bits_per_dim"] > 0
-    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert written["eval/bits_per_dim"] == pytest.approx(metrics["eval/bits_per_dim"])
+    run_dir = tmp_path / "run"
+    metrics, _ = train(compose_train(overrides, run_dir))
+    written = json.loads((run_dir / "metrics.json").read_text())["eval/bits_per_dim"]
+    assert 0 < written < 20 and written == pytest.approx(metrics["eval/bits_per_dim"], abs=1e-6)
+
+    options = {k: v for k, v in likelihood.items() if k != "seed"}
+    eval_overrides = [
+        f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}",
+        f"out={tmp_path / 'eval.json'}",  # not the run's own metrics.json
+        "num_samples=20",
+        "likelihood.enabled=true",
+        *[f"likelihood.{k}={v}" for k, v in options.items()],
+    ]
+    reported = evaluate(compose_named("eval", [*eval_overrides, f"sample_seed={likelihood['seed']}"]))
+    assert abs(reported["bits_per_dim"] - written) < 1e-5, (reported["bits_per_dim"], written)
+    other_seed = evaluate(compose_named("eval", eval_overrides))  # sample_seed=12345: other probes
+    assert abs(other_seed["bits_per_dim"] - written) > 1e-5
