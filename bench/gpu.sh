@@ -90,7 +90,7 @@ if wanted sampling; then
 fi
 wanted fid && part fid_at_scale 240 "$py" bench/fid_at_scale.py $fid
 wanted small_nets && part small_nets 60 "$py" bench/train_overhead.py $small
-wanted gpu_tests && part gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_paths.py \
+wanted gpu_tests && LD_REQUIRE_GPU=1 part gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_paths.py \
     tests/test_gpu.py tests/test_counter_noise.py
 wanted unet_throughput && part unet_throughput 190 "$py" bench/unet_throughput.py $unet
 wanted train_overhead && part train_overhead 100 "$py" bench/train_overhead.py $overhead

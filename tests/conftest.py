@@ -14,6 +14,13 @@ from omegaconf import DictConfig, open_dict
 
 from lightning_diff.cli import CONF_DIR
 
+# Tests marked gpu skip without CUDA, except where a GPU is promised: bench/gpu.sh sets
+# LD_REQUIRE_GPU=1, and there a device that is missing fails them instead of skipping them.
+needs_gpu = pytest.mark.skipif(
+    os.environ.get("LD_REQUIRE_GPU") != "1" and not __import__("torch").cuda.is_available(),
+    reason="needs a CUDA GPU (LD_REQUIRE_GPU=1 makes a missing one a failure)",
+)
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

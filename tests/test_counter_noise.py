@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import needs_gpu
 
 from lightning_diff.diffusion import (
     CounterNoise,
@@ -227,7 +228,7 @@ def test_seed_must_fit_32_bits():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_words_are_bit_identical_on_cuda():
     keys = torch.tensor([0, 1, 2**31, MASK32], dtype=torch.int64).unsqueeze(1)
     blocks = torch.tensor([0, 5, MASK32 - 1, MASK32], dtype=torch.int64).unsqueeze(0)

@@ -10,7 +10,7 @@ import pickle
 import lightning as L
 import pytest
 import torch
-from conftest import compose_train
+from conftest import compose_train, needs_gpu
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -237,7 +237,7 @@ def test_fused_adamw_under_mixed_precision_clips_gradients_like_the_unfused_opti
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: fused AdamW, bf16 and compile on the device")
+@needs_gpu  # fused AdamW, bf16 and compile on the device
 def test_all_switches_together_on_a_gpu():
     model = ddpm(
         tiny_unet(),

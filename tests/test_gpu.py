@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train, small_unet
+from conftest import compose_train, needs_gpu, small_unet
 from hydra.utils import instantiate
 
 from lightning_diff.metrics.pipeline import build_suite
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    needs_gpu,
 ]
 
 
