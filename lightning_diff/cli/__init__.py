@@ -38,12 +38,7 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (
-            LightningDiffError,
-            FloatingPointError,
-            InstantiationException,
-            ProcessRaisedException,
-        ) as err:
+        except USER_ERROR_CARRIERS as err:
             cause = user_error(err)
             if cause is None:
                 raise
