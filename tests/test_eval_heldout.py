@@ -100,3 +100,28 @@ def test_baselines_draw_real_data_at_random_from_a_file_sorted_by_class(tmp_path
     # 0.11 and Frechet distance 0.007 here, prefixes of the sorted splits 1.77 and 0.30.
     assert metrics["sliced_wasserstein_train"] < 0.5
     assert metrics["fd_raw_heldout"] < 0.1
+
+
+def test_an_earlier_checkpoint_is_evaluated_beside_the_run_summary_not_over_it(tmp_path):
+    """``ld-eval`` of a checkpoint writes the run's metrics.json (what ld-compare reads) only when the
+    checkpoint is at least as new as the step that file describes: an earlier checkpoint's metrics go
+    to eval/metrics_step<k>.json, so they never stand in for the run's final numbers."""
+    from conftest import compose_train
+
+    from lightning_diff.cli.train import train
+
+    run_dir = tmp_path / "run"
+    train(compose_train(["data=moons", "trainer.max_steps=6"], run_dir))  # checkpoints at 3 and 6
+    summary = run_dir / "metrics.json"
+    before = summary.read_bytes()
+    assert json.loads(before)["step"] == 6
+    common = ["num_samples=40", "num_steps=3", "kid=false"]
+    early = evaluate(compose_named("eval", [f"ckpt={run_dir / 'checkpoints' / 'step0000003.ckpt'}", *common]))
+    assert summary.read_bytes() == before, "the run's summary is untouched"
+    beside = json.loads((run_dir / "eval" / "metrics_step0000003.json").read_text())
+    assert beside["step"] == 3 and beside["eval/sliced_wasserstein"] == early["sliced_wasserstein"]
+    assert (run_dir / "eval" / "nn_histograms_ld_eval.png").is_file()  # figures stay in eval/
+    final = evaluate(compose_named("eval", [f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", *common]))
+    merged = json.loads(summary.read_text())
+    assert merged["step"] == 6 and merged["eval/sliced_wasserstein"] == final["sliced_wasserstein"]
+    assert merged["num_samples"] == 40

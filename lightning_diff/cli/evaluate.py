@@ -9,6 +9,7 @@ directory's, or ``out=``) and ends with a summary: the files, the metrics as a t
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -72,6 +73,19 @@ def heldout_likelihood(cfg: DictConfig, model, datamodule, rank: int = 0, world_
     logp = gather_shards(gather, logp, len(data), world_size)
     nfe = gather_shards(gather, nfe, len(data), world_size)
     return likelihood_metrics(logp, nfe, tuple(datamodule.data_shape))
+
+
+def checkpoint_metrics_path(run_dir: Path, step: int) -> Path:
+    """Where ``ld-eval`` writes a checkpoint's metrics by default: the run's ``metrics.json`` (its
+    latest evaluation, which ``ld-compare`` reads), unless that file already describes a later step;
+    then ``eval/metrics_step<step>.json``, so that an earlier checkpoint's numbers never stand in for
+    the run's final ones."""
+    summary = run_dir / "metrics.json"
+    if summary.is_file():
+        described = json.loads(summary.read_text()).get("step")
+        if isinstance(described, (int, float)) and described > step:
+            return run_dir / "eval" / f"metrics_step{step:07d}.json"
+    return summary
 
 
 def log_to_wandb(
@@ -184,12 +198,10 @@ def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=
         if (cfg.get("likelihood") or {}).get("enabled"):
             extra.update(heldout_likelihood(cfg, model, datamodule, rank, world_size, fabric))
         extra = {"nfe": float(nfe), **extra}
-        default_out = local.resolve().parent.parent / "metrics.json"
-        meta = {
-            "ckpt": str(cfg.ckpt),
-            "step": getattr(model, "global_step_loaded", 0),
-            "sampler": repr(sampler),
-        }
+        step = int(getattr(model, "global_step_loaded", 0))
+        run_dir = local.resolve().parent.parent
+        default_out, figures_dir = checkpoint_metrics_path(run_dir, step), run_dir / "eval"
+        meta = {"ckpt": str(cfg.ckpt), "step": step, "sampler": repr(sampler)}
     else:
         datamodule = instantiate(cfg.data)
         datamodule.setup("fit")
@@ -198,6 +210,7 @@ def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=
         block = shard_indices(num_samples, rank, world_size)
         mine = every[block.start : block.stop].to(device)
         default_out = Path(cfg.samples).with_suffix(".metrics.json")
+        figures_dir = default_out.parent / "eval"
         meta = {"samples": str(cfg.samples)}
     inception_options = OmegaConf.to_container(cfg.inception, resolve=True) if cfg.get("inception") else None
     metrics, suite = evaluate_samples(
@@ -216,13 +229,15 @@ def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=
     samples = gather_shards(fabric, mine, num_samples, world_size).cpu()
     named = {f"eval/{k}": v for k, v in metrics.items()}
     out_path = Path(cfg.out or default_out)
+    if cfg.out:
+        figures_dir = out_path.parent / "eval"
     if rank == 0:
         out = write_metrics(out_path, named, num_samples=num_samples, devices=world_size, **meta)
     figures = save_memorization_figures(
         suite,
         samples,
         datamodule.train_tensor(),
-        out_path.parent / "eval",
+        figures_dir,
         "ld_eval",
         cfg.num_pairs,
         write=rank == 0,
@@ -232,7 +247,7 @@ def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=
         rows = memorization_rows(suite, samples, datamodule.train_tensor(), cfg.wandb.table_rows)
         if rank == 0:
             table = wandb_table(rows) if rows else None
-            wandb_where = log_to_wandb(cfg, named, figures, out_path.parent, table)
+            wandb_where = log_to_wandb(cfg, named, figures, figures_dir.parent, table)
     if rank != 0:
         return metrics, "", {}, named, None
     source = f"{cfg.ckpt} (step {meta['step']})" if cfg.ckpt else str(cfg.samples)
