@@ -89,3 +89,18 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     num = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True))
     den = sum((a - mx) ** 2 for a in lx)
     return num / den
+
+
+def array_run_overrides(path, model: Sequence[str], steps: int, seed: int) -> list[str]:
+    """``ld-train`` overrides for a ``.npy`` file of a user's data: the model's own overrides, ``steps``
+    steps on the CPU, a CSV log and no progress bar; everything else at its default."""
+    return [
+        "data=array",
+        f"data.path={path}",
+        *model,
+        f"trainer.max_steps={steps}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"seed={seed}",
+    ]

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import machine_line, parse_args, table
+from common import array_run_overrides, machine_line, parse_args, table
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -112,16 +112,7 @@ def adversary(name: str, train_x: np.ndarray, n: int) -> np.ndarray:
 
 
 def run_model(model, path, steps, seed, schedule, num_samples, run_dir) -> tuple[np.ndarray, float]:
-    overrides = [
-        "data=array",
-        f"data.path={path}",
-        *MODELS[model],
-        f"trainer.max_steps={steps}",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "logger=csv",
-        f"seed={seed}",
-    ]
+    overrides = array_run_overrides(path, MODELS[model], steps, seed)
     if schedule and model == "ddpm":
         overrides.append(f"model.schedule.kind={schedule}")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_line, parse_args, table
+from common import array_run_overrides, machine_line, parse_args, table
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -75,17 +75,8 @@ def make_data(kind: str, n: int, seed: int) -> np.ndarray:
 
 
 def run_cell(model_name, data_kind, path, steps, seed, num_samples, samplers, run_root):
-    overrides = [
-        "data=array",
-        f"data.path={path}",
-        *MODELS[model_name],
-        f"trainer.max_steps={steps}",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "logger=csv",
-        "callbacks.evaluation.num_samples=500",
-        f"seed={seed}",
-    ]
+    overrides = array_run_overrides(path, MODELS[model_name], steps, seed)
+    overrides.append("callbacks.evaluation.num_samples=500")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
