@@ -12,13 +12,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning_diff.callbacks.periodic import PeriodicCallback, publish_metrics
 from lightning_diff.callbacks.sample_grid import log_image
 from lightning_diff.diffusion.samplers import Sampler
-from lightning_diff.errors import ConfigError
 from lightning_diff.generation import gather_shards, generate, shard_indices
 from lightning_diff.metrics.pipeline import (
     build_inception,
     build_suite,
-    least_samples,
     memorization_rows,
+    require_samples,
     save_memorization_figures,
     wandb_table,
 )
@@ -72,13 +71,12 @@ class SampleEvaluation(PeriodicCallback):
         self._inception = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        least = least_samples(trainer.world_size)
-        if self.num_samples < least:  # before training, not after it
-            raise ConfigError(
-                f"callbacks.evaluation.num_samples={self.num_samples} is too few on {trainer.world_size} "
-                f"process(es): give {least} or more (two for the Frechet distance, one per process)"
-            )
-        if self._inception is None:  # a missing weights file or download fails now, not after training
+        # Before training, not after it: too few samples, a missing weights file, a failed download.
+        # Every rank then has samples to evaluate; the Inception network loads once.
+        n, processes = self.num_samples, trainer.world_size
+        problem = f"callbacks.evaluation.num_samples={n} is too few on {processes} process(es): give "
+        require_samples(n, processes, problem)
+        if self._inception is None:
             self._inception = build_inception(trainer.datamodule, self.inception, self.cache_dir)
 
     def suite(self, trainer, device: torch.device):
@@ -96,10 +94,8 @@ class SampleEvaluation(PeriodicCallback):
         self._suite.reset()
         return self._suite
 
-    def inception_metrics(self, trainer, device: torch.device):
-        """The Inception metrics (built once: the network loads once), emptied; None when off."""
-        if self._inception is None:
-            self._inception = build_inception(trainer.datamodule, self.inception, self.cache_dir)
+    def inception_metrics(self, device: torch.device):
+        """The Inception metrics built in ``setup``, on ``device`` and emptied; None when off."""
         if self._inception is not None:
             self._inception = self._inception.to(device)
             self._inception.reset()
@@ -112,8 +108,7 @@ class SampleEvaluation(PeriodicCallback):
         local, nfe = generate(
             pl_module, indices, tuple(dm.data_shape), self.sampler, self.seed, self.batch_size
         )
-        if len(local):
-            suite.update(local)
+        suite.update(local)
         metrics = suite.compute()
         metrics.update(suite.baselines(self.num_samples))
         samples = gather_shards(pl_module, local, self.num_samples, trainer.world_size).cpu()
@@ -127,10 +122,9 @@ class SampleEvaluation(PeriodicCallback):
             self.num_pairs,
             write=trainer.is_global_zero,
         )
-        inception = self.inception_metrics(trainer, pl_module.device)
+        inception = self.inception_metrics(pl_module.device)
         if inception is not None:  # each rank featurises its own block; compute gathers them
-            if len(local):
-                inception.update(local)
+            inception.update(local)
             metrics.update(inception.compute())
         metrics["nfe"] = float(nfe)
         publish_metrics(

@@ -28,8 +28,8 @@ from lightning_diff.generation import gather_shards, generate, shard_indices
 from lightning_diff.metrics.likelihood import heldout_data, likelihood_metrics, log_likelihoods
 from lightning_diff.metrics.pipeline import (
     evaluate_samples,
-    least_samples,
     memorization_rows,
+    require_samples,
     save_memorization_figures,
     wandb_table,
     write_metrics,
@@ -133,18 +133,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     devices = cfg.get("devices", 1)
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"devices={devices} is not a process count: give devices=1 or more (one per GPU)")
-    if cfg.ckpt and cfg.num_samples < least_samples(devices):
-        raise ConfigError(
-            f"num_samples={cfg.num_samples} is too few for devices={devices}: give num_samples="
-            f"{least_samples(devices)} or more (two for the Frechet distance, one per process)"
-        )
-    if cfg.get("samples"):  # checked here, before any process starts
-        rows = len(np.load(samples_file(cfg.samples), mmap_mode="r", allow_pickle=False))
-        if rows < least_samples(devices):
-            raise ConfigError(
-                f"{cfg.samples} holds {rows} sample(s): evaluating on {devices} process(es) needs "
-                f"{least_samples(devices)} or more (two for the Frechet distance, one per process)"
-            )
+    # The sample count is checked here, before any process starts.
+    if cfg.ckpt:
+        count = int(cfg.num_samples)
+        problem = f"num_samples={count} is too few for devices={devices}: give num_samples="
+    else:
+        count = len(np.load(samples_file(cfg.samples), mmap_mode="r", allow_pickle=False))
+        problem = f"{cfg.samples} holds {count} sample(s): evaluating on {devices} process(es) needs "
+    require_samples(count, devices, problem)
     # Resolve once, here: the checkpoint (a wandb Artifact is downloaded once) and every interpolation.
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     local = fetch_checkpoint(cfg.ckpt) if cfg.ckpt else None

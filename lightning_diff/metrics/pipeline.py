@@ -11,13 +11,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_diff.errors import ConfigError
 from lightning_diff.metrics.suite import EvaluationSuite, resolve_feature_space
 
 
-def least_samples(processes: int = 1) -> int:
-    """The fewest generated samples an evaluation takes: two for the Frechet distance's covariance,
-    and at least one for each of ``processes``."""
-    return max(2, int(processes))
+def require_samples(count: int, processes: int, problem: str) -> None:
+    """Refuse an evaluation of ``count`` samples on ``processes`` processes when it is too few: two for
+    the Frechet distance's covariance, and one for each process. The ConfigError reads ``problem``
+    followed by the least count and the reason, so ``problem`` ends where the fix's number goes."""
+    least = max(2, int(processes))
+    if count < least:
+        raise ConfigError(f"{problem}{least} or more (two for the Frechet distance, one per process)")
 
 
 def reference_key(datamodule, feature_space: str) -> str:
@@ -91,15 +95,14 @@ def evaluate_samples(
     device = samples.device
     cache = cache_dir if rank == 0 else None
     suite = build_suite(datamodule, feature_space, kid, seed, cache, rank, world_size).to(device)
-    for chunk in samples.split(1000) if len(samples) else []:
+    for chunk in samples.split(1000):
         suite.update(chunk)
     values = suite.compute()
     values.update(suite.baselines(len(samples) if num_samples is None else num_samples))
     inception = build_inception(datamodule, inception_options, cache_dir)
     if inception is not None:
         inception = inception.to(device)
-        if len(samples):
-            inception.update(samples)
+        inception.update(samples)
         values.update(inception.compute())
     return values, suite
 
