@@ -167,7 +167,12 @@ def _evaluate_on(fabric, cfg: DictConfig, local: Path | None):
     if fabric.global_rank == 0:  # spawned processes start without the CLI's logging and filters
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     with third_party_notices_hidden():
-        return _evaluate(cfg, local, fabric.device, fabric)
+        result = _evaluate(cfg, local, fabric.device, fabric)
+    # The processes leave the group together and close it: one that exited while the group's
+    # threads still ran was aborted ("terminate called without an active exception").
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
+    return result
 
 
 def _evaluate(cfg: DictConfig, local: Path | None, device: torch.device, fabric=None):
